@@ -1,3 +1,45 @@
-fn main() {
-    println!("Hello, world!");
+//! The `pipewatch` binary: parses the command line, runs the command, maps errors to exit codes.
+
+use clap::Parser;
+use pipewatch::cli::Cli;
+use pipewatch::exit::{code_for, Code};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version to stdout and errors to stderr with its own codes.
+            let code = if e.use_stderr() {
+                Code::Usage
+            } else {
+                Code::Success
+            };
+            let _ = e.print();
+            return code.into();
+        }
+    };
+    pipewatch::telemetry::init(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pipewatch: cannot start the async runtime: {e}");
+            return Code::Failure.into();
+        }
+    };
+    match runtime.block_on(pipewatch::cli::dispatch(cli)) {
+        Ok(code) => code.into(),
+        Err(err) => {
+            let code = code_for(&err);
+            let text = format!("{err:#}");
+            for line in text.lines() {
+                eprintln!("pipewatch: {line}");
+            }
+            code.into()
+        }
+    }
 }

@@ -1,0 +1,1 @@
+//! Splitting bytes into lines.

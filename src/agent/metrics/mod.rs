@@ -1,0 +1,3 @@
+//! Daemon metrics: finding the processes, sampling them, detecting stalls.
+
+pub mod process;

@@ -1,0 +1,1 @@
+//! Parsing and normalising log lines into [`crate::model::Record`]s. Never fails.

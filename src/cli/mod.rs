@@ -1,0 +1,153 @@
+//! The command line: global options, the subcommands, and the shared [`Context`] that
+//! resolves the config file and database URL the way CONTRACT.md §1 says.
+//!
+//! Only `cli` prints for the user; everything below it returns values or errors.
+
+use crate::config::{self, Config};
+use crate::db::DbTarget;
+use crate::exit::{usage, Code};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+pub mod check_config;
+pub mod cleanup;
+pub mod demo;
+pub mod errors;
+pub mod logs;
+pub mod migrate;
+pub mod progress;
+pub mod run;
+pub mod status;
+pub mod verify;
+
+/// The default config file.
+pub const DEFAULT_CONFIG: &str = "/etc/pipewatch/pipewatch.toml";
+
+/// pipewatch: ship data-pipeline daemons' logs, progress, events and metrics to PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "pipewatch", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file [default: /etc/pipewatch/pipewatch.toml]
+    #[arg(long, global = true, env = "PIPEWATCH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Database URL (libpq URL or key=value string); overrides PIPEWATCH_DATABASE_URL and
+    /// the config file's [database] url
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+
+    /// Log the agent's own activity at debug level
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: tail every configured daemon's logs and ship them
+    Run(run::Args),
+    /// Apply the embedded database migrations
+    Migrate(migrate::Args),
+    /// Test the monitoring schema end to end (rolled back) and print a checklist
+    Verify(verify::Args),
+    /// Validate the config, print it resolved (secrets hidden) and check files and database
+    CheckConfig(check_config::Args),
+    /// Query an experiment's logs
+    Logs(logs::Args),
+    /// Draw an experiment's progress tree
+    Progress(progress::Args),
+    /// List recent errors, grouped
+    Errors(errors::Args),
+    /// Delete log, event and metric rows older than a given age
+    Cleanup(cleanup::Args),
+    /// Show the fleet, table sizes and migrations at a glance
+    Status(status::Args),
+    /// Demonstrate pipewatch end to end against a throwaway local PostgreSQL
+    Demo(demo::Args),
+}
+
+/// What every subcommand gets: where the config is and how to reach the database.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The config path, and whether the user chose it (flag or environment).
+    pub config_path: PathBuf,
+    pub config_explicit: bool,
+    /// `--database-url`.
+    pub database_url_flag: Option<String>,
+}
+
+impl Context {
+    /// Loads the config file; a missing file is an error.
+    pub fn load_config(&self) -> anyhow::Result<Config> {
+        Ok(config::load(&self.config_path)?)
+    }
+
+    /// Loads the config file when there is one; a missing default file is not an error.
+    pub fn optional_config(&self) -> anyhow::Result<Option<Config>> {
+        if !self.config_explicit && !self.config_path.exists() {
+            return Ok(None);
+        }
+        self.load_config().map(Some)
+    }
+
+    /// The database URL by precedence: flag > `PIPEWATCH_DATABASE_URL` > `[database] url`.
+    pub fn database_url(&self, config: Option<&Config>) -> anyhow::Result<String> {
+        if let Some(u) = &self.database_url_flag {
+            return Ok(u.clone());
+        }
+        if let Ok(u) = std::env::var("PIPEWATCH_DATABASE_URL") {
+            if !u.trim().is_empty() {
+                return Ok(u);
+            }
+        }
+        if let Some(u) = config.and_then(|c| c.database.url.clone()) {
+            return Ok(u);
+        }
+        Err(usage(format!(
+            "no database URL: pass --database-url, set PIPEWATCH_DATABASE_URL, or set [database] url in {}",
+            self.config_path.display()
+        )))
+    }
+
+    /// The resolved database target, with the config's password and CA files when present.
+    pub fn db_target(&self, config: Option<&Config>) -> anyhow::Result<DbTarget> {
+        let url = self.database_url(config)?;
+        let db = config.map(|c| &c.database);
+        DbTarget::parse(
+            &url,
+            db.and_then(|d| d.password_file.as_deref()),
+            db.and_then(|d| d.ca_file.as_deref()),
+        )
+        .map_err(|e| usage(format!("{e:#}")))
+    }
+
+    /// For commands that need only the database: loads the config if present, then connects.
+    pub async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let config = self.optional_config()?;
+        let target = self.db_target(config.as_ref())?;
+        crate::db::connect(&target).await
+    }
+}
+
+/// Runs the chosen subcommand.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<Code> {
+    let ctx = Context {
+        config_explicit: cli.config.is_some(),
+        config_path: cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG)),
+        database_url_flag: cli.database_url,
+    };
+    match cli.command {
+        Command::Run(a) => run::execute(a, &ctx).await,
+        Command::Migrate(a) => migrate::execute(a, &ctx).await,
+        Command::Verify(a) => verify::execute(a, &ctx).await,
+        Command::CheckConfig(a) => check_config::execute(a, &ctx).await,
+        Command::Logs(a) => logs::execute(a, &ctx).await,
+        Command::Progress(a) => progress::execute(a, &ctx).await,
+        Command::Errors(a) => errors::execute(a, &ctx).await,
+        Command::Cleanup(a) => cleanup::execute(a, &ctx).await,
+        Command::Status(a) => status::execute(a, &ctx).await,
+        Command::Demo(a) => demo::execute(a, &ctx).await,
+    }
+}

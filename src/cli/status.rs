@@ -1,0 +1,11 @@
+//! `pipewatch status`.
+
+use super::Context;
+use crate::exit::Code;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub async fn execute(_args: Args, _ctx: &Context) -> anyhow::Result<Code> {
+    anyhow::bail!("`status` is not implemented yet")
+}

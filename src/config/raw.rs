@@ -1,0 +1,88 @@
+//! Serde structs mirroring the TOML file exactly; unknown keys are rejected here.
+//!
+//! No validation beyond types happens in this module: see `resolve` for that.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub database: RawDatabase,
+    #[serde(default)]
+    pub agent: RawAgent,
+    #[serde(default)]
+    pub batch: RawBatch,
+    #[serde(default)]
+    pub retention: Option<RawRetention>,
+    #[serde(default)]
+    pub daemons: BTreeMap<String, RawDaemon>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub url: Option<String>,
+    pub password_file: Option<String>,
+    pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub host: Option<String>,
+    pub metrics_listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    pub max_records: Option<i64>,
+    pub max_wait: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetention {
+    pub older_than: Option<String>,
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    #[serde(default)]
+    pub logs: Vec<String>,
+    pub format: Option<String>,
+    pub text_pattern: Option<String>,
+    pub path_pattern: Option<String>,
+    pub experiment_id: Option<String>,
+    pub node_id: Option<String>,
+    pub start_at: Option<String>,
+    pub max_line_bytes: Option<i64>,
+    pub pid_file: Option<String>,
+    pub process_match: Option<String>,
+    pub metrics_interval: Option<String>,
+    #[serde(default)]
+    pub disks: Vec<String>,
+    pub stall_after: Option<String>,
+    pub stall_cpu_percent: Option<f64>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    #[serde(rename = "match")]
+    pub match_: Option<String>,
+    pub field: Option<String>,
+    pub progress: Option<BTreeMap<String, toml::Value>>,
+    pub event: Option<BTreeMap<String, toml::Value>>,
+    pub set: Option<BTreeMap<String, toml::Value>>,
+    #[serde(default)]
+    pub sticky: bool,
+    #[serde(default)]
+    pub stop: bool,
+}

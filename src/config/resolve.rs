@@ -1,0 +1,650 @@
+//! Turns a [`RawConfig`] into a validated [`Config`]: regexes compiled, durations parsed,
+//! defaults filled. Every problem is collected and reported with file, line, key and value.
+//!
+//! Pure apart from reading the file itself.
+
+use super::raw::{RawConfig, RawDaemon, RawRule};
+use regex::Regex;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Default `[batch] max_records`.
+pub const DEFAULT_MAX_RECORDS: usize = 5000;
+/// Default `[batch] max_wait`.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(200);
+/// Default `max_line_bytes`.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1024 * 1024;
+/// Default `metrics_interval`.
+pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(10);
+/// Default `stall_after`.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(300);
+/// Default `stall_cpu_percent`: below this a process counts as idle.
+pub const DEFAULT_STALL_CPU_PERCENT: f64 = 2.0;
+
+/// One configuration problem, located as precisely as the file allows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    /// Dotted key path, e.g. `daemons.clusterer.max_line_bytes`.
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(key) = &self.key {
+            write!(f, "{key}")?;
+            if let Some(value) = &self.value {
+                write!(f, " = {value}")?;
+            }
+            f.write_str(": ")?;
+        }
+        f.write_str(&self.reason)
+    }
+}
+
+/// All the problems found in one file; displayed one per line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// `format = auto | json | text`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Auto,
+    Json,
+    Text,
+}
+
+/// `start_at = beginning | end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    Beginning,
+    End,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `[database] url`; overridden by `--database-url` and `PIPEWATCH_DATABASE_URL`.
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The `host` column of every row this agent writes.
+    pub host: String,
+    /// Where to serve Prometheus metrics; off when `None`.
+    pub metrics_listen: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    pub max_records: usize,
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    pub older_than: Duration,
+}
+
+/// One `[daemons.NAME]` table, validated.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub name: String,
+    pub logs: Vec<String>,
+    pub format: Format,
+    pub text_pattern: Option<Regex>,
+    pub path_pattern: Option<Regex>,
+    pub experiment_id: Option<Uuid>,
+    pub node_id: Option<String>,
+    pub start_at: StartAt,
+    pub max_line_bytes: usize,
+    pub pid_file: Option<PathBuf>,
+    pub process_match: Option<Regex>,
+    pub metrics_interval: Duration,
+    pub disks: Vec<PathBuf>,
+    pub stall_after: Duration,
+    pub stall_cpu_percent: f64,
+    pub rules: crate::agent::rules::Rules,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    pub database: DatabaseConfig,
+    pub agent: AgentConfig,
+    pub batch: BatchConfig,
+    pub retention: Option<RetentionConfig>,
+    pub daemons: Vec<DaemonConfig>,
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: None,
+            value: None,
+            reason: format!("cannot read config file: {e}"),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+/// Validates config text as if read from `path`.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig =
+        toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(path, text, &e)]))?;
+    Resolver {
+        file: path,
+        text,
+        errors: Vec::new(),
+    }
+    .resolve(raw)
+}
+
+/// Describes a TOML or serde error with its line, the table it is in and a suggestion.
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| line_of(text, s.start));
+    let section = e
+        .span()
+        .map(|s| section_at(text, s.start))
+        .unwrap_or_default();
+    let msg = e.message().trim().to_string();
+    let unknown = Regex::new(r"^unknown field `([^`]*)`, expected (?:one of )?(.*)$").ok();
+    if let Some(caps) = unknown.as_ref().and_then(|re| re.captures(&msg)) {
+        let key = caps.get(1).map_or("", |m| m.as_str());
+        let expected: Vec<&str> = caps
+            .get(2)
+            .map_or("", |m| m.as_str())
+            .split(", ")
+            .map(|s| s.trim_matches('`'))
+            .collect();
+        let mut reason = format!("unknown key `{key}`");
+        if let Some(best) = suggest(key, &expected) {
+            reason.push_str(&format!(" (did you mean `{best}`?)"));
+        }
+        reason.push_str(&format!("; valid keys here: {}", expected.join(", ")));
+        let full = if section.is_empty() {
+            key.to_string()
+        } else {
+            format!("{section}.{key}")
+        };
+        return ConfigError {
+            file: path.to_path_buf(),
+            line,
+            key: Some(full),
+            value: None,
+            reason,
+        };
+    }
+    ConfigError {
+        file: path.to_path_buf(),
+        line,
+        key: if section.is_empty() {
+            None
+        } else {
+            Some(section)
+        },
+        value: None,
+        reason: msg,
+    }
+}
+
+/// The closest candidate by edit distance, if it is close enough to be a typo.
+pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (levenshtein(word, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// The `[table]` or `[[array]]` header in force at `offset`, without brackets.
+fn section_at(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    for line in before.lines().rev() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            return t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+    }
+    String::new()
+}
+
+struct Resolver<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Resolver<'_> {
+    /// Records an error for `section.key`, locating its line in the file.
+    fn err(&mut self, section: &str, key: &str, value: Option<String>, reason: impl Into<String>) {
+        let line = self.locate(section, key);
+        let full = if section.is_empty() {
+            key.to_string()
+        } else {
+            format!("{section}.{key}")
+        };
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            key: Some(full),
+            value,
+            reason: reason.into(),
+        });
+    }
+
+    /// Finds the line of `key = …` inside `[section]` (first match), or of the header itself.
+    fn locate(&self, section: &str, key: &str) -> Option<usize> {
+        let mut in_section = section.is_empty();
+        let mut header_line = None;
+        let leaf = key.split('.').next().unwrap_or(key);
+        for (i, line) in self.text.lines().enumerate() {
+            let t = line.trim();
+            if t.starts_with('[') {
+                let name = t.trim_matches(|c| c == '[' || c == ']').trim();
+                in_section = name == section;
+                if in_section && header_line.is_none() {
+                    header_line = Some(i + 1);
+                }
+                continue;
+            }
+            if in_section {
+                if let Some(rest) = t.strip_prefix(leaf) {
+                    if rest.trim_start().starts_with('=') {
+                        return Some(i + 1);
+                    }
+                }
+            }
+        }
+        header_line
+    }
+
+    fn duration(
+        &mut self,
+        section: &str,
+        key: &str,
+        value: Option<&String>,
+        default: Duration,
+    ) -> Duration {
+        match value {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.err(
+                        section,
+                        key,
+                        Some(format!("{s:?}")),
+                        "must be greater than zero",
+                    );
+                    default
+                }
+                Err(e) => {
+                    self.err(
+                        section,
+                        key,
+                        Some(format!("{s:?}")),
+                        format!("not a duration ({e}); write e.g. \"200ms\", \"10s\", \"5m\""),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn regex(&mut self, section: &str, key: &str, value: Option<&String>) -> Option<Regex> {
+        let s = value?;
+        match Regex::new(s) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let detail = e
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                self.err(
+                    section,
+                    key,
+                    Some(format!("{s:?}")),
+                    format!("invalid regex: {detail}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn resolve(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
+        let database = DatabaseConfig {
+            url: raw.database.url.clone(),
+            password_file: raw.database.password_file.as_ref().map(PathBuf::from),
+            ca_file: raw.database.ca_file.as_ref().map(PathBuf::from),
+        };
+        let host = match raw.agent.host.as_deref().map(str::trim) {
+            Some("") => {
+                self.err("agent", "host", Some("\"\"".into()), "must not be empty");
+                String::new()
+            }
+            Some(h) => h.to_string(),
+            None => default_hostname(),
+        };
+        if let Some(listen) = &raw.agent.metrics_listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                self.err(
+                    "agent",
+                    "metrics_listen",
+                    Some(format!("{listen:?}")),
+                    "not an address:port such as \"127.0.0.1:9187\"",
+                );
+            }
+        }
+        let agent = AgentConfig {
+            host,
+            metrics_listen: raw.agent.metrics_listen.clone(),
+        };
+        let max_records = match raw.batch.max_records {
+            None => DEFAULT_MAX_RECORDS,
+            Some(n) if (1..=1_000_000).contains(&n) => n as usize,
+            Some(n) => {
+                self.err(
+                    "batch",
+                    "max_records",
+                    Some(n.to_string()),
+                    "must be between 1 and 1000000",
+                );
+                DEFAULT_MAX_RECORDS
+            }
+        };
+        let max_wait = self.duration(
+            "batch",
+            "max_wait",
+            raw.batch.max_wait.as_ref(),
+            DEFAULT_MAX_WAIT,
+        );
+        let batch = BatchConfig {
+            max_records,
+            max_wait,
+        };
+        let retention = raw.retention.as_ref().and_then(|r| {
+            if r.enabled == Some(false) {
+                return None;
+            }
+            let older_than = match &r.older_than {
+                Some(_) => self.duration(
+                    "retention",
+                    "older_than",
+                    r.older_than.as_ref(),
+                    Duration::ZERO,
+                ),
+                None => {
+                    self.err(
+                        "retention",
+                        "older_than",
+                        None,
+                        "is required in [retention], e.g. \"30d\"",
+                    );
+                    Duration::ZERO
+                }
+            };
+            Some(RetentionConfig { older_than })
+        });
+        let mut daemons = Vec::new();
+        for (name, d) in &raw.daemons {
+            if let Some(dc) = self.daemon(name, d) {
+                daemons.push(dc);
+            }
+        }
+        if self.errors.is_empty() {
+            Ok(Config {
+                source: self.file.to_path_buf(),
+                database,
+                agent,
+                batch,
+                retention,
+                daemons,
+            })
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+
+    fn daemon(&mut self, name: &str, d: &RawDaemon) -> Option<DaemonConfig> {
+        let section = format!("daemons.{name}");
+        let s = section.as_str();
+        if name == "pipewatch" {
+            self.err(
+                "daemons",
+                name,
+                None,
+                "the daemon name `pipewatch` is reserved for the agent's own metrics",
+            );
+        }
+        if d.logs.is_empty() && d.pid_file.is_none() && d.process_match.is_none() {
+            self.err(
+                s,
+                "logs",
+                None,
+                "a daemon needs `logs`, `pid_file` or `process_match`",
+            );
+        }
+        for g in &d.logs {
+            if let Err(e) = glob::Pattern::new(g) {
+                self.err(
+                    s,
+                    "logs",
+                    Some(format!("{g:?}")),
+                    format!("invalid glob: {e}"),
+                );
+            } else if !g.starts_with('/') {
+                self.err(
+                    s,
+                    "logs",
+                    Some(format!("{g:?}")),
+                    "log globs must be absolute paths",
+                );
+            }
+        }
+        let format = match d.format.as_deref() {
+            None | Some("auto") => Format::Auto,
+            Some("json") => Format::Json,
+            Some("text") => Format::Text,
+            Some(other) => {
+                self.err(
+                    s,
+                    "format",
+                    Some(format!("{other:?}")),
+                    "must be one of auto, json, text",
+                );
+                Format::Auto
+            }
+        };
+        let text_pattern = self.regex(s, "text_pattern", d.text_pattern.as_ref());
+        if format == Format::Text && d.text_pattern.is_none() {
+            // Without a pattern every line is a message; that is allowed.
+        }
+        let path_pattern = self.regex(s, "path_pattern", d.path_pattern.as_ref());
+        let experiment_id = d
+            .experiment_id
+            .as_ref()
+            .and_then(|v| match Uuid::parse_str(v) {
+                Ok(u) => Some(u),
+                Err(_) => {
+                    self.err(s, "experiment_id", Some(format!("{v:?}")), "not a UUID");
+                    None
+                }
+            });
+        let start_at = match d.start_at.as_deref() {
+            None | Some("beginning") => StartAt::Beginning,
+            Some("end") => StartAt::End,
+            Some(other) => {
+                self.err(
+                    s,
+                    "start_at",
+                    Some(format!("{other:?}")),
+                    "must be `beginning` or `end`",
+                );
+                StartAt::Beginning
+            }
+        };
+        let max_line_bytes = match d.max_line_bytes {
+            None => DEFAULT_MAX_LINE_BYTES,
+            Some(n) if (64..=(1 << 30)).contains(&n) => n as usize,
+            Some(n) => {
+                self.err(
+                    s,
+                    "max_line_bytes",
+                    Some(n.to_string()),
+                    "must be between 64 and 1073741824",
+                );
+                DEFAULT_MAX_LINE_BYTES
+            }
+        };
+        let process_match = self.regex(s, "process_match", d.process_match.as_ref());
+        let metrics_interval = self.duration(
+            s,
+            "metrics_interval",
+            d.metrics_interval.as_ref(),
+            DEFAULT_METRICS_INTERVAL,
+        );
+        let stall_after = self.duration(
+            s,
+            "stall_after",
+            d.stall_after.as_ref(),
+            DEFAULT_STALL_AFTER,
+        );
+        let stall_cpu_percent = match d.stall_cpu_percent {
+            None => DEFAULT_STALL_CPU_PERCENT,
+            Some(v) if (0.0..=100.0).contains(&v) => v,
+            Some(v) => {
+                self.err(
+                    s,
+                    "stall_cpu_percent",
+                    Some(v.to_string()),
+                    "must be between 0 and 100",
+                );
+                DEFAULT_STALL_CPU_PERCENT
+            }
+        };
+        let rules = self.rules(name, &d.rules);
+        Some(DaemonConfig {
+            name: name.to_string(),
+            logs: d.logs.clone(),
+            format,
+            text_pattern,
+            path_pattern,
+            experiment_id,
+            node_id: d.node_id.clone(),
+            start_at,
+            max_line_bytes,
+            pid_file: d.pid_file.as_ref().map(PathBuf::from),
+            process_match,
+            metrics_interval,
+            disks: d.disks.iter().map(PathBuf::from).collect(),
+            stall_after,
+            stall_cpu_percent,
+            rules: rules.unwrap_or_default(),
+        })
+    }
+
+    fn rules(&mut self, daemon: &str, raw: &[RawRule]) -> Option<crate::agent::rules::Rules> {
+        match crate::agent::rules::Rules::compile(raw) {
+            Ok(r) => Some(r),
+            Err(problems) => {
+                let section = format!("daemons.{daemon}.rules");
+                for p in problems {
+                    let line = self.locate_rule(&section, p.index);
+                    self.errors.push(ConfigError {
+                        file: self.file.to_path_buf(),
+                        line,
+                        key: Some(format!("{section}[{}].{}", p.index, p.key)),
+                        value: p.value,
+                        reason: p.reason,
+                    });
+                }
+                None
+            }
+        }
+    }
+
+    /// The line of the `index`-th `[[section]]` header (0-based).
+    fn locate_rule(&self, section: &str, index: usize) -> Option<usize> {
+        let header = format!("[[{section}]]");
+        self.text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.trim().replace(' ', "") == header)
+            .nth(index)
+            .map(|(i, _)| i + 1)
+    }
+}
+
+/// The machine's hostname, or `localhost` when it cannot be read.
+pub fn default_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length and gethostname NUL-terminates or
+    // truncates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        let s = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+        if !s.is_empty() {
+            return s;
+        }
+    }
+    "localhost".to_string()
+}

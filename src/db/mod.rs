@@ -1,0 +1,8 @@
+//! Everything that talks to PostgreSQL outside the agent's sink: connecting, migrations,
+//! schema checks and the queries behind the operator commands.
+
+pub mod connect;
+pub mod migrate;
+pub mod tls;
+
+pub use connect::{connect, DbTarget};

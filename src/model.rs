@@ -1,0 +1,193 @@
+//! The records and rows that flow from the readers to the sink.
+//!
+//! Pure data: no I/O, no database types. Parsers produce [`Record`]s, routing turns them into
+//! the row types below, and only the sink knows how those rows reach PostgreSQL.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// A severity, as stored in `level` and `severity` columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    Debug,
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl Level {
+    /// The spelling stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Debug => "DEBUG",
+            Level::Info => "INFO",
+            Level::Warning => "WARNING",
+            Level::Error => "ERROR",
+            Level::Critical => "CRITICAL",
+        }
+    }
+
+    /// Reads the stored spelling back (case-insensitive); `None` for anything else.
+    pub fn from_db(s: &str) -> Option<Level> {
+        match s.to_ascii_uppercase().as_str() {
+            "DEBUG" => Some(Level::Debug),
+            "INFO" => Some(Level::Info),
+            "WARNING" => Some(Level::Warning),
+            "ERROR" => Some(Level::Error),
+            "CRITICAL" => Some(Level::Critical),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A progress update carried by a record (its `progress` object, or produced by a rule).
+/// Absent fields leave the stored row's value alone.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProgressUpdate {
+    pub node_id: String,
+    pub parent_node_id: Option<String>,
+    /// `pipeline|phase|step|substep`.
+    pub level: Option<String>,
+    pub name: Option<String>,
+    /// `pending|running|completed|failed|cancelled`.
+    pub status: Option<String>,
+    /// 0–100; derived from items when absent.
+    pub percent: Option<f64>,
+    pub items_done: Option<i64>,
+    pub items_total: Option<i64>,
+    pub details: Option<Value>,
+}
+
+/// An event carried by a record (its `event_type` field, or produced by a rule).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventSpec {
+    pub event_type: String,
+    pub severity: Level,
+    /// Defaults to the record's message.
+    pub message: Option<String>,
+    pub details: Map<String, Value>,
+}
+
+/// One parsed log record, before routing. Parsing never fails: what could not be understood
+/// is described under `context["_pipewatch"]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The record's own time; `None` when it carries none (the reader then uses read time).
+    pub ts: Option<DateTime<Utc>>,
+    pub level: Level,
+    pub message: String,
+    pub logger: Option<String>,
+    /// The record's own experiment id, when it is a UUID (a non-UUID value goes to context).
+    pub experiment_id: Option<Uuid>,
+    pub node_id: Option<String>,
+    pub stage: Option<String>,
+    /// Every field not mapped to a column, nested objects kept; `_pipewatch` holds the
+    /// agent's own notes.
+    pub context: Map<String, Value>,
+    pub traceback: Option<String>,
+    pub metrics: Option<Value>,
+    pub progress: Option<ProgressUpdate>,
+    pub event: Option<EventSpec>,
+}
+
+impl Record {
+    /// An empty INFO record with the given message.
+    pub fn new(message: impl Into<String>) -> Record {
+        Record {
+            ts: None,
+            level: Level::Info,
+            message: message.into(),
+            logger: None,
+            experiment_id: None,
+            node_id: None,
+            stage: None,
+            context: Map::new(),
+            traceback: None,
+            metrics: None,
+            progress: None,
+            event: None,
+        }
+    }
+
+    /// Adds a note under `context._pipewatch.<key>`.
+    pub fn note(&mut self, key: &str, value: impl Into<Value>) {
+        let notes = self
+            .context
+            .entry("_pipewatch")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !notes.is_object() {
+            *notes = Value::Object(Map::new());
+        }
+        if let Value::Object(m) = notes {
+            m.insert(key.to_string(), value.into());
+        }
+    }
+}
+
+/// A row of `pipeline_logs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRow {
+    pub ts: DateTime<Utc>,
+    pub level: Level,
+    pub message: String,
+    pub logger: Option<String>,
+    pub experiment_id: Option<Uuid>,
+    pub node_id: Option<String>,
+    pub stage: Option<String>,
+    pub context: Value,
+    pub traceback: Option<String>,
+    pub metrics: Option<Value>,
+    pub host: String,
+    pub daemon: String,
+    pub source: Option<String>,
+}
+
+/// A row of `pipeline_events`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub ts: DateTime<Utc>,
+    pub experiment_id: Option<Uuid>,
+    pub node_id: Option<String>,
+    pub event_type: String,
+    pub severity: Level,
+    pub message: Option<String>,
+    pub details: Value,
+    pub host: String,
+    pub daemon: String,
+}
+
+/// An upsert into `pipeline_progress`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressRow {
+    pub experiment_id: Uuid,
+    /// The time of the record that carried the update; older never overwrites newer.
+    pub updated_at: DateTime<Utc>,
+    pub update: ProgressUpdate,
+}
+
+/// A row of `pipeline_metrics`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MetricRow {
+    pub ts: Option<DateTime<Utc>>,
+    pub experiment_id: Option<Uuid>,
+    pub node_id: Option<String>,
+    pub host: String,
+    pub daemon: String,
+    pub pid: Option<i32>,
+    pub cpu_percent: Option<f64>,
+    pub memory_rss_bytes: Option<i64>,
+    pub memory_percent: Option<f64>,
+    pub disk_read_bytes_per_sec: Option<f64>,
+    pub disk_write_bytes_per_sec: Option<f64>,
+    pub disk_used_percent: Option<f64>,
+    pub records_per_sec: Option<f64>,
+    pub custom: Map<String, Value>,
+}
