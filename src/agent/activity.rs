@@ -1,0 +1,76 @@
+//! What the shipper has seen of each daemon, shared with the metrics sampler and stall
+//! detector (which read it) and the self-monitoring (which reports it).
+//!
+//! Plain data behind a mutex; writers hold the lock only to copy a few fields.
+
+use crate::model::Level;
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+/// The latest known state of one daemon's log output.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonActivity {
+    /// Records read from this daemon's files since the agent started.
+    pub records_read: u64,
+    /// When the agent last read a record of this daemon (wall clock of the read).
+    pub last_read_at: Option<DateTime<Utc>>,
+    /// The last record's own time, level, message, stage and node.
+    pub last_record_ts: Option<DateTime<Utc>>,
+    pub last_level: Option<Level>,
+    pub last_message: Option<String>,
+    pub last_stage: Option<String>,
+    pub last_node_id: Option<String>,
+    /// The most recent experiment seen in this daemon's records (for metrics rows).
+    pub last_experiment_id: Option<Uuid>,
+    /// The last progress node that was updated while `running`, its percent and items, and
+    /// when its percent or items last changed.
+    pub progress: Option<ProgressActivity>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProgressActivity {
+    pub experiment_id: Option<Uuid>,
+    pub node_id: String,
+    pub status: Option<String>,
+    pub percent: Option<f64>,
+    pub items_done: Option<i64>,
+    /// Wall-clock time of the last change of percent or items.
+    pub advanced_at: DateTime<Utc>,
+}
+
+/// Per file, for lag reporting.
+#[derive(Debug, Clone, Default)]
+pub struct FileActivity {
+    pub daemon: String,
+    /// Bytes between the read position and the file's size at the last check.
+    pub lag_bytes: u64,
+    pub last_commit_at: Option<DateTime<Utc>>,
+}
+
+/// Counters for the agent itself.
+#[derive(Debug, Clone, Default)]
+pub struct AgentCounters {
+    pub records_shipped: u64,
+    pub records_quarantined: u64,
+    pub reconnects: u64,
+    pub batches_committed: u64,
+    pub last_commit_at: Option<DateTime<Utc>>,
+}
+
+/// Everything the agent's tasks share about activity.
+#[derive(Debug, Default)]
+pub struct Activity {
+    pub daemons: HashMap<String, DaemonActivity>,
+    pub files: HashMap<String, FileActivity>,
+    pub agent: AgentCounters,
+}
+
+/// The shared handle.
+pub type SharedActivity = Arc<Mutex<Activity>>;
+
+/// A new, empty shared activity.
+pub fn shared() -> SharedActivity {
+    Arc::new(Mutex::new(Activity::default()))
+}
