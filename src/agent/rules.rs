@@ -39,6 +39,23 @@ impl Rules {
     }
 }
 
+/// Sticky values (interim).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sticky(pub serde_json::Map<String, serde_json::Value>);
+
+impl Sticky {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.0.clone())
+    }
+    pub fn from_json(v: &serde_json::Value) -> Sticky {
+        Sticky(v.as_object().cloned().unwrap_or_default())
+    }
+}
+
+impl Rules {
+    pub fn apply(&self, _record: &mut crate::model::Record, _sticky: &mut Sticky) {}
+}
+
 /// `check-config --sample FILE`.
 pub fn print_sample(_config: &Config, _daemon: Option<&str>, _file: &Path) -> anyhow::Result<()> {
     anyhow::bail!("--sample is not implemented yet")

@@ -1,7 +1,7 @@
-//! `pipewatch run`: the agent.
+//! `pipewatch run`: the agent, until SIGTERM/SIGINT, or once through every file (`--once`).
 
 use super::Context;
-use crate::exit::Code;
+use crate::exit::{usage, Code};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -10,6 +10,22 @@ pub struct Args {
     pub once: bool,
 }
 
-pub async fn execute(_args: Args, _ctx: &Context) -> anyhow::Result<Code> {
-    anyhow::bail!("`run` is not implemented yet")
+pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
+    let config = ctx.load_config()?;
+    if config.daemons.is_empty() {
+        return Err(usage(format!(
+            "{}: no daemon configured: add a [daemons.NAME] table with `logs = [...]`",
+            config.source.display()
+        )));
+    }
+    let target = ctx.db_target(Some(&config))?;
+    let stop = crate::agent::shutdown::install();
+    let summary = crate::agent::run(config, target, args.once, stop).await?;
+    tracing::info!(
+        records = summary.records_shipped,
+        quarantined = summary.records_quarantined,
+        batches = summary.batches,
+        "agent stopped"
+    );
+    Ok(Code::Success)
 }

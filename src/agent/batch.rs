@@ -1,0 +1,211 @@
+//! Accumulating what the readers and the sampler send into batches for the sink: at most
+//! `max_records` log rows, and no read record waits longer than `max_wait`.
+//!
+//! Pure bookkeeping plus one channel receive: no file or database I/O.
+
+use crate::model::{EventRow, LogRow, MetricRow, ProgressRow};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// A file position to commit together with the rows read before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub daemon: String,
+    pub fingerprint: String,
+    /// The path the file was opened at.
+    pub path: String,
+    /// Byte offset after the last line whose rows are in the same batch.
+    pub position: u64,
+    pub tail_hash: Option<String>,
+    /// Sticky rule values in force at `position`.
+    pub sticky: Value,
+}
+
+/// What readers send: the rows of consecutive records of one file and the position after them.
+#[derive(Debug, Clone)]
+pub struct FileChunk {
+    pub logs: Vec<LogRow>,
+    pub events: Vec<EventRow>,
+    pub progress: Vec<ProgressRow>,
+    pub checkpoint: Checkpoint,
+}
+
+/// One message to the batcher.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Chunk(FileChunk),
+    /// Rows that belong to no file: metrics and the agent's own events.
+    Rows {
+        metrics: Vec<MetricRow>,
+        events: Vec<EventRow>,
+    },
+}
+
+/// Everything one transaction writes.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    pub logs: Vec<LogRow>,
+    pub events: Vec<EventRow>,
+    pub progress: Vec<ProgressRow>,
+    pub metrics: Vec<MetricRow>,
+    /// The latest position per (daemon, fingerprint).
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.logs.is_empty()
+            && self.events.is_empty()
+            && self.progress.is_empty()
+            && self.metrics.is_empty()
+            && self.checkpoints.is_empty()
+    }
+
+    /// Number of rows of all kinds.
+    pub fn rows(&self) -> usize {
+        self.logs.len() + self.events.len() + self.progress.len() + self.metrics.len()
+    }
+
+    fn add(&mut self, item: Item, index: &mut HashMap<(String, String), usize>) {
+        match item {
+            Item::Chunk(c) => {
+                self.logs.extend(c.logs);
+                self.events.extend(c.events);
+                self.progress.extend(c.progress);
+                let key = (
+                    c.checkpoint.daemon.clone(),
+                    c.checkpoint.fingerprint.clone(),
+                );
+                match index.get(&key) {
+                    Some(&i) => self.checkpoints[i] = c.checkpoint,
+                    None => {
+                        index.insert(key, self.checkpoints.len());
+                        self.checkpoints.push(c.checkpoint);
+                    }
+                }
+            }
+            Item::Rows { metrics, events } => {
+                self.metrics.extend(metrics);
+                self.events.extend(events);
+            }
+        }
+    }
+}
+
+/// Receives items and hands out batches: a batch closes when it holds `max_records` log rows or
+/// when its first item has waited `max_wait`.
+pub struct Batcher {
+    rx: mpsc::Receiver<Item>,
+    max_records: usize,
+    max_wait: Duration,
+    /// An item received that did not fit the previous batch.
+    carry: Option<Item>,
+}
+
+impl Batcher {
+    pub fn new(rx: mpsc::Receiver<Item>, max_records: usize, max_wait: Duration) -> Batcher {
+        Batcher {
+            rx,
+            max_records,
+            max_wait,
+            carry: None,
+        }
+    }
+
+    /// The next batch; `None` once every sender is gone and nothing is left.
+    pub async fn next(&mut self) -> Option<Batch> {
+        let first = match self.carry.take() {
+            Some(item) => item,
+            None => self.rx.recv().await?,
+        };
+        let deadline = Instant::now() + self.max_wait;
+        let mut batch = Batch::default();
+        let mut index = HashMap::new();
+        batch.add(first, &mut index);
+        while batch.logs.len() < self.max_records {
+            let item = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(item)) => item,
+                Ok(None) | Err(_) => break,
+            };
+            if let Item::Chunk(c) = &item {
+                if batch.logs.len() + c.logs.len() > self.max_records {
+                    self.carry = Some(item);
+                    break;
+                }
+            }
+            batch.add(item, &mut index);
+        }
+        Some(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Level;
+    use chrono::Utc;
+
+    fn chunk(fp: &str, n: usize, pos: u64) -> Item {
+        let row = LogRow {
+            ts: Utc::now(),
+            level: Level::Info,
+            message: "m".into(),
+            logger: None,
+            experiment_id: None,
+            node_id: None,
+            stage: None,
+            context: Value::Object(Default::default()),
+            traceback: None,
+            metrics: None,
+            host: "h".into(),
+            daemon: "d".into(),
+            source: None,
+        };
+        Item::Chunk(FileChunk {
+            logs: vec![row; n],
+            events: vec![],
+            progress: vec![],
+            checkpoint: Checkpoint {
+                daemon: "d".into(),
+                fingerprint: fp.into(),
+                path: "/p".into(),
+                position: pos,
+                tail_hash: None,
+                sticky: Value::Null,
+            },
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closes_at_max_records_and_keeps_the_latest_position() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut b = Batcher::new(rx, 5, Duration::from_millis(200));
+        tx.send(chunk("a", 2, 10)).await.unwrap();
+        tx.send(chunk("a", 3, 20)).await.unwrap();
+        tx.send(chunk("b", 2, 5)).await.unwrap();
+        drop(tx);
+        let first = b.next().await.unwrap();
+        assert_eq!(first.logs.len(), 5);
+        assert_eq!(first.checkpoints.len(), 1);
+        assert_eq!(first.checkpoints[0].position, 20);
+        let second = b.next().await.unwrap();
+        assert_eq!(second.logs.len(), 2);
+        assert_eq!(second.checkpoints[0].fingerprint, "b");
+        assert!(b.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closes_after_max_wait() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut b = Batcher::new(rx, 1000, Duration::from_millis(200));
+        tx.send(chunk("a", 1, 10)).await.unwrap();
+        let started = Instant::now();
+        let batch = b.next().await.unwrap();
+        assert_eq!(batch.logs.len(), 1);
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+        drop(tx);
+    }
+}

@@ -1,0 +1,138 @@
+//! File identity: a checksum of the file's first line (not its path or inode), so a file is
+//! recognised after a rename and a reused inode is never mistaken for a known file; and a
+//! checksum of the bytes just before a stored position, to check that position still fits.
+//!
+//! Reads at most a few KiB with positioned reads; never moves a file's cursor.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+/// At most this many leading bytes identify a file (a longer first line is cut here).
+pub const FINGERPRINT_BYTES: usize = 4096;
+/// How many bytes before a position [`tail_hash`] covers.
+pub const TAIL_BYTES: u64 = 64;
+
+/// FNV-1a, 64 bit: stable across builds and platforms, unlike std's hasher.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The identity of a file: its first line (through the newline) or its first
+/// [`FINGERPRINT_BYTES`] bytes. `None` while the file has neither a complete first line nor
+/// that many bytes: such a file has nothing to ship yet.
+pub fn fingerprint(file: &File) -> std::io::Result<Option<String>> {
+    let mut buf = vec![0u8; FINGERPRINT_BYTES];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = file.read_at(&mut buf[filled..], filled as u64)?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+        if buf[..filled].contains(&b'\n') {
+            break;
+        }
+    }
+    let head = &buf[..filled];
+    let end = match head.iter().position(|b| *b == b'\n') {
+        Some(nl) => nl + 1,
+        None if filled == FINGERPRINT_BYTES => filled,
+        None => return Ok(None),
+    };
+    Ok(Some(format!("{:x}-{:016x}", end, fnv1a(&head[..end]))))
+}
+
+/// Checksum of the (up to) [`TAIL_BYTES`] bytes before `position`; `None` when they cannot all
+/// be read (the file is shorter than `position`).
+pub fn tail_hash(file: &File, position: u64) -> std::io::Result<Option<String>> {
+    let start = position.saturating_sub(TAIL_BYTES);
+    let len = (position - start) as usize;
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        let n = file.read_at(&mut buf[filled..], start + filled as u64)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        filled += n;
+    }
+    Ok(Some(format!("{:016x}", fnv1a(&buf))))
+}
+
+/// Whether a file's leading bytes say it is compressed (gzip, zstd, bzip2, xz, lz4, zip).
+pub fn looks_compressed(file: &File) -> bool {
+    let mut head = [0u8; 6];
+    let n = file.read_at(&mut head, 0).unwrap_or(0);
+    let h = &head[..n];
+    h.starts_with(&[0x1f, 0x8b])
+        || h.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || h.starts_with(b"BZh")
+        || h.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0])
+        || h.starts_with(&[0x04, 0x22, 0x4d, 0x18])
+        || h.starts_with(b"PK\x03\x04")
+}
+
+/// Whether a path's extension says it is compressed.
+pub fn compressed_name(path: &std::path::Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("gz" | "zst" | "bz2" | "xz" | "lz4" | "zip" | "Z" | "tgz")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file_with(bytes: &[u8]) -> (tempfile::NamedTempFile, File) {
+        let mut t = tempfile::NamedTempFile::new().unwrap();
+        t.write_all(bytes).unwrap();
+        t.flush().unwrap();
+        let f = File::open(t.path()).unwrap();
+        (t, f)
+    }
+
+    #[test]
+    fn fingerprint_needs_a_complete_first_line() {
+        let (_t, f) = file_with(b"{\"a\":1");
+        assert_eq!(fingerprint(&f).unwrap(), None);
+        let (_t, f) = file_with(b"{\"a\":1}\nmore");
+        let (_t2, g) = file_with(b"{\"a\":1}\nother stuff\n");
+        assert!(fingerprint(&f).unwrap().is_some());
+        assert_eq!(fingerprint(&f).unwrap(), fingerprint(&g).unwrap());
+        let (_t3, h) = file_with(b"{\"a\":2}\n");
+        assert_ne!(fingerprint(&f).unwrap(), fingerprint(&h).unwrap());
+    }
+
+    #[test]
+    fn long_first_line_uses_the_first_bytes() {
+        let long = vec![b'x'; FINGERPRINT_BYTES + 10];
+        let (_t, f) = file_with(&long);
+        assert!(fingerprint(&f).unwrap().is_some());
+    }
+
+    #[test]
+    fn tail_hash_checks_the_bytes_before_a_position() {
+        let (_t, f) = file_with(b"line one\nline two\n");
+        let (_t2, g) = file_with(b"line one\nline 2!!\n");
+        assert_eq!(tail_hash(&f, 9).unwrap(), tail_hash(&g, 9).unwrap());
+        assert_ne!(tail_hash(&f, 18).unwrap(), tail_hash(&g, 18).unwrap());
+        assert_eq!(tail_hash(&f, 100).unwrap(), None);
+    }
+
+    #[test]
+    fn compressed_files_are_recognised() {
+        let (_t, f) = file_with(&[0x1f, 0x8b, 8, 0, 0, 0]);
+        assert!(looks_compressed(&f));
+        let (_t, f) = file_with(b"{\"x\":1}\n");
+        assert!(!looks_compressed(&f));
+        assert!(compressed_name(std::path::Path::new("/a/b.jsonl.1.gz")));
+        assert!(!compressed_name(std::path::Path::new("/a/b.jsonl.1")));
+    }
+}

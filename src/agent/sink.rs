@@ -1,0 +1,833 @@
+//! The sink: writes each batch in one transaction — log rows by binary COPY, events, metrics,
+//! progress upserts, the file positions and the agent's row — so rows and positions commit
+//! together (exactly once). Retries on connection loss, splits a batch the database refuses
+//! to isolate the bad record, and never loses the records behind it.
+//!
+//! The only agent module that talks to PostgreSQL.
+
+use crate::agent::activity::SharedActivity;
+use crate::agent::batch::{Batch, Checkpoint};
+use crate::agent::retry::{classify, Backoff, ErrorKind};
+use crate::db::DbTarget;
+use crate::model::{EventRow, Level, LogRow, MetricRow, ProgressRow};
+use chrono::{DateTime, Utc};
+use futures_util::pin_mut;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Transaction};
+use uuid::Uuid;
+
+const COPY_LOGS: &str = "COPY pipeline_logs (ts, level, message, logger, experiment_id, node_id, \
+     stage, context, traceback, metrics, host, daemon, source) FROM STDIN (FORMAT binary)";
+
+const LOG_TYPES: [Type; 13] = [
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::UUID,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+    Type::TEXT,
+    Type::JSONB,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+];
+
+const INSERT_EVENTS: &str = "INSERT INTO pipeline_events (ts, experiment_id, node_id, event_type, \
+     severity, message, details, host, daemon) \
+     SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+     $6::text[], $7::jsonb[], $8::text[], $9::text[])";
+
+const INSERT_METRICS: &str =
+    "INSERT INTO pipeline_metrics (ts, experiment_id, node_id, host, daemon, \
+     pid, cpu_percent, memory_rss_bytes, memory_percent, disk_read_bytes_per_sec, \
+     disk_write_bytes_per_sec, disk_used_percent, records_per_sec, custom) \
+     SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+     $6::int4[], $7::float8[], $8::int8[], $9::float8[], $10::float8[], $11::float8[], \
+     $12::float8[], $13::float8[], $14::jsonb[])";
+
+const UPSERT_PROGRESS: &str = "INSERT INTO pipeline_progress AS p (experiment_id, node_id, \
+     parent_node_id, level, name, status, progress_percent, items_done, items_total, started_at, \
+     completed_at, updated_at, details) \
+     VALUES ($1, $2, $3, $4, COALESCE($5, $2), COALESCE($6, 'running'), $7::float8, $8::int8, \
+     $9::int8, CASE WHEN COALESCE($6, 'running') <> 'pending' THEN $10::timestamptz END, \
+     CASE WHEN $6 IN ('completed', 'failed', 'cancelled') THEN $10::timestamptz END, $10::timestamptz, \
+     COALESCE($11::jsonb, '{}'::jsonb)) \
+     ON CONFLICT (experiment_id, node_id) DO UPDATE SET \
+     parent_node_id = COALESCE(EXCLUDED.parent_node_id, p.parent_node_id), \
+     level = COALESCE($4, p.level), \
+     name = COALESCE($5, p.name), \
+     status = COALESCE($6, p.status), \
+     progress_percent = COALESCE($7::float8, p.progress_percent), \
+     items_done = COALESCE($8::int8, p.items_done), \
+     items_total = COALESCE($9::int8, p.items_total), \
+     started_at = COALESCE(p.started_at, CASE WHEN COALESCE($6, p.status) <> 'pending' THEN $10::timestamptz END), \
+     completed_at = CASE WHEN COALESCE($6, p.status) IN ('completed', 'failed', 'cancelled') \
+                    THEN COALESCE(p.completed_at, $10::timestamptz) END, \
+     updated_at = $10::timestamptz, \
+     details = CASE WHEN $11::jsonb IS NULL THEN p.details ELSE COALESCE(p.details, '{}'::jsonb) || $11::jsonb END \
+     WHERE p.updated_at <= $10::timestamptz";
+
+const UPSERT_CHECKPOINTS: &str =
+    "INSERT INTO pipewatch_checkpoints (host, daemon, fingerprint, path, \
+     position, tail_hash, sticky, updated_at) \
+     SELECT $1, d, f, p, pos, th, st, now() FROM unnest($2::text[], $3::text[], $4::text[], \
+     $5::int8[], $6::text[], $7::jsonb[]) AS u(d, f, p, pos, th, st) \
+     ON CONFLICT (host, daemon, fingerprint) DO UPDATE SET path = EXCLUDED.path, \
+     position = EXCLUDED.position, tail_hash = EXCLUDED.tail_hash, sticky = EXCLUDED.sticky, \
+     updated_at = now()";
+
+const UPSERT_AGENT: &str = "INSERT INTO pipewatch_agents AS a (agent_id, host, daemons, version, \
+     started_at, last_commit_at, last_batch_id, records_shipped, records_quarantined) \
+     VALUES ($1, $2, $3, $4, $5, now(), $6, $7, $8) \
+     ON CONFLICT (agent_id) DO UPDATE SET host = EXCLUDED.host, daemons = EXCLUDED.daemons, \
+     version = EXCLUDED.version, started_at = EXCLUDED.started_at, last_commit_at = now(), \
+     last_batch_id = EXCLUDED.last_batch_id, \
+     records_shipped = a.records_shipped + EXCLUDED.records_shipped, \
+     records_quarantined = a.records_quarantined + EXCLUDED.records_quarantined";
+
+/// Why a commit could not be completed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The database stayed unreachable (or kept failing) past the allowed time.
+    #[error("database {target} unreachable for {secs} s: {last}")]
+    Unreachable {
+        target: String,
+        secs: u64,
+        last: String,
+    },
+    /// The schema is missing or the role lacks privileges.
+    #[error("{0}")]
+    Schema(String),
+    /// Shutdown's drain deadline passed before the batch could be committed.
+    #[error("gave up committing at shutdown: {0}")]
+    Deadline(String),
+}
+
+/// How the sink behaves when the database misbehaves.
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    /// Give up after the database has been unreachable this long (`run --once`: 30 s).
+    pub give_up_after: Option<Duration>,
+    /// Schema errors are fatal (`--once`) rather than retried.
+    pub schema_fatal: bool,
+}
+
+/// A failed attempt: its kind, a one-line description, and whether the error was raised by
+/// the statement that wrote log rows (so splitting them can help).
+struct Failure {
+    kind: ErrorKind,
+    text: String,
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Failure {
+        Failure {
+            kind: classify(&e),
+            text: describe(&e),
+        }
+    }
+}
+
+/// One line: SQLSTATE, message and detail of a database error.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} {}", db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!(" ({d})"));
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(cause) = src {
+                s.push_str(&format!(": {cause}"));
+                src = cause.source();
+            }
+            s
+        }
+    }
+}
+
+/// The sink's connection and identity.
+pub struct Sink {
+    target: DbTarget,
+    client: Option<Client>,
+    pub agent_id: String,
+    host: String,
+    daemons: Vec<String>,
+    started_at: DateTime<Utc>,
+    activity: SharedActivity,
+    options: SinkOptions,
+    last_partition_check: Option<Instant>,
+}
+
+impl Sink {
+    pub fn new(
+        target: DbTarget,
+        host: String,
+        daemons: Vec<String>,
+        activity: SharedActivity,
+        options: SinkOptions,
+    ) -> Sink {
+        let mut sorted = daemons.clone();
+        sorted.sort();
+        Sink {
+            target,
+            client: None,
+            agent_id: format!("{host}/{}", sorted.join(",")),
+            host,
+            daemons: sorted,
+            started_at: Utc::now(),
+            activity,
+            options,
+            last_partition_check: None,
+        }
+    }
+
+    /// Connects (once) and returns the client; errors are connection failures.
+    async fn client(&mut self) -> Result<&mut Client, Failure> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let c = crate::db::tls::connect(&self.target)
+                .await
+                .map_err(|e| Failure {
+                    kind: ErrorKind::Retry,
+                    text: format!("{e:#}"),
+                })?;
+            self.client = Some(c);
+        }
+        self.client.as_mut().ok_or_else(|| Failure {
+            kind: ErrorKind::Retry,
+            text: "not connected".into(),
+        })
+    }
+
+    /// Connects, retrying with backoff within the sink's limits. Used at startup.
+    pub async fn connect(
+        &mut self,
+        stop: Option<&tokio_util::sync::CancellationToken>,
+    ) -> Result<(), SinkError> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let first_failure = Instant::now();
+        loop {
+            match self.client().await {
+                Ok(_) => return Ok(()),
+                Err(f) => {
+                    if let Some(limit) = self.options.give_up_after {
+                        if first_failure.elapsed() >= limit {
+                            return Err(SinkError::Unreachable {
+                                target: self.target.display.clone(),
+                                secs: limit.as_secs(),
+                                last: f.text,
+                            });
+                        }
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %f.text, retry_in = ?delay, "cannot reach the database");
+                    if let Some(stop) = stop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = stop.cancelled() => return Err(SinkError::Deadline(f.text)),
+                        }
+                    } else {
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loads this daemon's committed positions.
+    pub async fn load_checkpoints(
+        &mut self,
+        daemon: &str,
+    ) -> Result<Vec<crate::agent::tail::StoredCheckpoint>, SinkError> {
+        let host = self.host.clone();
+        let client = self.client().await.map_err(|f| SinkError::Schema(f.text))?;
+        let rows = client
+            .query(
+                "SELECT fingerprint, path, position, tail_hash, sticky FROM pipewatch_checkpoints \
+                 WHERE host = $1 AND daemon = $2 ORDER BY updated_at",
+                &[&host, &daemon],
+            )
+            .await
+            .map_err(|e| SinkError::Schema(schema_hint(&describe(&e))))?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::agent::tail::StoredCheckpoint {
+                fingerprint: r.get(0),
+                path: r.get(1),
+                position: r.get::<_, i64>(2).max(0) as u64,
+                tail_hash: r.get(3),
+                sticky: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Creates upcoming daily partitions (at start, then every few hours).
+    async fn maintain_partitions(&mut self) {
+        if self
+            .last_partition_check
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(6 * 3600))
+        {
+            return;
+        }
+        self.last_partition_check = Some(Instant::now());
+        if let Ok(client) = self.client().await {
+            if let Err(e) = client
+                .execute(
+                    "SELECT pipewatch_ensure_partitions(now() - interval '1 day', now() + interval '3 days')",
+                    &[],
+                )
+                .await
+            {
+                tracing::warn!(error = %describe(&e), "cannot create upcoming partitions; rows go to the default partition");
+            }
+        }
+    }
+
+    /// Commits a batch, retrying and isolating as needed. Returns once the batch is durably
+    /// committed, or with an error when the limits are exceeded (the batch is then not
+    /// committed, and its lines are read again at the next start).
+    pub async fn commit(
+        &mut self,
+        batch: Batch,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), SinkError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.maintain_partitions().await;
+        let batch_id = Uuid::new_v4();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut unreachable_since: Option<Instant> = None;
+        let mut isolate = false;
+        let mut schema_logged = false;
+        loop {
+            let attempt = self.write(&batch, batch_id, isolate).await;
+            let failure = match attempt {
+                Ok(quarantined) => {
+                    self.note_commit(&batch, quarantined);
+                    return Ok(());
+                }
+                Err(f) => f,
+            };
+            match failure.kind {
+                ErrorKind::Data if !isolate => {
+                    tracing::warn!(error = %failure.text, rows = batch.logs.len(), "database refused a batch; isolating the bad record");
+                    isolate = true;
+                    continue;
+                }
+                ErrorKind::Schema => {
+                    let msg = schema_hint(&failure.text);
+                    if self.options.schema_fatal {
+                        return Err(SinkError::Schema(msg));
+                    }
+                    if !schema_logged {
+                        tracing::error!(error = %msg, "cannot write; retrying until fixed");
+                        schema_logged = true;
+                    }
+                }
+                _ => {
+                    // The connection may have died after COMMIT was sent: check before retrying.
+                    self.client = None;
+                    if self.committed_already(batch_id).await {
+                        tracing::info!("batch was committed before the connection was lost");
+                        self.note_commit(&batch, 0);
+                        return Ok(());
+                    }
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if let Some(limit) = self.options.give_up_after {
+                        if since.elapsed() >= limit {
+                            return Err(SinkError::Unreachable {
+                                target: self.target.display.clone(),
+                                secs: limit.as_secs(),
+                                last: failure.text,
+                            });
+                        }
+                    }
+                    if let Ok(mut a) = self.activity.lock() {
+                        a.agent.reconnects += 1;
+                    }
+                }
+            }
+            let delay = backoff.next_delay();
+            if let Some(d) = deadline {
+                if tokio::time::Instant::now() + delay > d {
+                    return Err(SinkError::Deadline(failure.text));
+                }
+            }
+            tracing::warn!(error = %failure.text, retry_in = ?delay, "commit failed; retrying the same batch");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Whether the agent row already carries this batch id (a commit whose reply was lost).
+    async fn committed_already(&mut self, batch_id: Uuid) -> bool {
+        let agent_id = self.agent_id.clone();
+        let Ok(client) = self.client().await else {
+            return false;
+        };
+        match client
+            .query_opt(
+                "SELECT last_batch_id FROM pipewatch_agents WHERE agent_id = $1",
+                &[&agent_id],
+            )
+            .await
+        {
+            Ok(Some(row)) => row.get::<_, Option<Uuid>>(0) == Some(batch_id),
+            _ => false,
+        }
+    }
+
+    fn note_commit(&self, batch: &Batch, quarantined: usize) {
+        let now = Utc::now();
+        if let Ok(mut a) = self.activity.lock() {
+            a.agent.records_shipped += batch.logs.len() as u64;
+            a.agent.records_quarantined += quarantined as u64;
+            a.agent.batches_committed += 1;
+            a.agent.last_commit_at = Some(now);
+            for cp in &batch.checkpoints {
+                if let Some(f) = a.files.get_mut(&cp.path) {
+                    f.last_commit_at = Some(now);
+                }
+            }
+        }
+    }
+
+    /// One attempt: the whole batch in one transaction. With `isolate`, every statement runs
+    /// under a savepoint and refused rows are quarantined. Returns how many were quarantined.
+    async fn write(
+        &mut self,
+        batch: &Batch,
+        batch_id: Uuid,
+        isolate: bool,
+    ) -> Result<usize, Failure> {
+        let agent_id = self.agent_id.clone();
+        let host = self.host.clone();
+        let daemons = self.daemons.clone();
+        let started_at = self.started_at;
+        let client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut quarantined = Vec::new();
+        if isolate {
+            isolate_logs(&tx, &batch.logs, &mut quarantined).await?;
+        } else {
+            copy_logs(&tx, &batch.logs).await?;
+        }
+        let mut events: Vec<EventRow> = batch.events.clone();
+        for (row, reason) in &quarantined {
+            events.push(quarantine_event(row, reason));
+        }
+        if isolate {
+            for e in &events {
+                tx.batch_execute("SAVEPOINT pw_row").await?;
+                let r = insert_events(&tx, std::slice::from_ref(e)).await;
+                finish_savepoint(&tx, r, "event").await?;
+            }
+            for m in &batch.metrics {
+                tx.batch_execute("SAVEPOINT pw_row").await?;
+                let r = insert_metrics(&tx, std::slice::from_ref(m)).await;
+                finish_savepoint(&tx, r, "metric").await?;
+            }
+            for p in collapse_progress(&batch.progress) {
+                tx.batch_execute("SAVEPOINT pw_row").await?;
+                let r = upsert_progress(&tx, std::slice::from_ref(&p)).await;
+                finish_savepoint(&tx, r, "progress").await?;
+            }
+        } else {
+            insert_events(&tx, &events).await?;
+            insert_metrics(&tx, &batch.metrics).await?;
+            upsert_progress(&tx, &collapse_progress(&batch.progress)).await?;
+        }
+        upsert_checkpoints(&tx, &host, &batch.checkpoints).await?;
+        let version = env!("CARGO_PKG_VERSION");
+        tx.execute(
+            UPSERT_AGENT,
+            &[
+                &agent_id,
+                &host,
+                &daemons,
+                &version,
+                &started_at,
+                &batch_id,
+                &(batch.logs.len() as i64),
+                &(quarantined.len() as i64),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(quarantined.len())
+    }
+}
+
+/// Adds "run pipewatch migrate" to errors that mean the schema is missing.
+fn schema_hint(text: &str) -> String {
+    if text.starts_with("42P01") || text.starts_with("42883") || text.starts_with("42703") {
+        format!("{text} — the monitoring schema is missing or outdated: run `pipewatch migrate`")
+    } else if text.starts_with("42501") {
+        format!("{text} — the database role lacks a privilege (grant it pipewatch_agent)")
+    } else {
+        text.to_string()
+    }
+}
+
+fn level_str(l: Level) -> &'static str {
+    l.as_str()
+}
+
+async fn copy_logs(tx: &Transaction<'_>, rows: &[LogRow]) -> Result<(), tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sink = tx.copy_in(COPY_LOGS).await?;
+    let writer = BinaryCopyInWriter::new(sink, &LOG_TYPES);
+    pin_mut!(writer);
+    for r in rows {
+        let level = level_str(r.level);
+        let values: [&(dyn ToSql + Sync); 13] = [
+            &r.ts,
+            &level,
+            &r.message,
+            &r.logger,
+            &r.experiment_id,
+            &r.node_id,
+            &r.stage,
+            &r.context,
+            &r.traceback,
+            &r.metrics,
+            &r.host,
+            &r.daemon,
+            &r.source,
+        ];
+        writer.as_mut().write(&values).await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+/// Ends the savepoint opened before a row's statement: a data error rolls back to it and is
+/// logged (the row is skipped); other errors propagate.
+async fn finish_savepoint(
+    tx: &Transaction<'_>,
+    result: Result<(), tokio_postgres::Error>,
+    what: &str,
+) -> Result<(), Failure> {
+    match result {
+        Ok(()) => {
+            tx.batch_execute("RELEASE SAVEPOINT pw_row").await?;
+            Ok(())
+        }
+        Err(e) if classify(&e) == ErrorKind::Data => {
+            tracing::warn!(error = %describe(&e), what, "row refused by the database; skipped");
+            tx.batch_execute("ROLLBACK TO SAVEPOINT pw_row").await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// COPY with binary splitting: halves that fail are split again; a single refused row is
+/// replaced by a quarantine row that keeps its content as text.
+async fn isolate_logs(
+    tx: &Transaction<'_>,
+    rows: &[LogRow],
+    quarantined: &mut Vec<(LogRow, String)>,
+) -> Result<(), Failure> {
+    let mut stack = vec![(0usize, rows.len())];
+    while let Some((lo, hi)) = stack.pop() {
+        if lo >= hi {
+            continue;
+        }
+        tx.batch_execute("SAVEPOINT pw_split").await?;
+        match copy_logs(tx, &rows[lo..hi]).await {
+            Ok(()) => {
+                tx.batch_execute("RELEASE SAVEPOINT pw_split").await?;
+            }
+            Err(e) if classify(&e) == ErrorKind::Data => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT pw_split").await?;
+                if hi - lo == 1 {
+                    let reason = describe(&e);
+                    let row = &rows[lo];
+                    let safe = quarantine_row(row, &reason);
+                    tx.batch_execute("SAVEPOINT pw_split").await?;
+                    let stored = match copy_logs(tx, std::slice::from_ref(&safe)).await {
+                        Ok(()) => {
+                            tx.batch_execute("RELEASE SAVEPOINT pw_split").await?;
+                            true
+                        }
+                        Err(e2) if classify(&e2) == ErrorKind::Data => {
+                            tx.batch_execute("ROLLBACK TO SAVEPOINT pw_split").await?;
+                            false
+                        }
+                        Err(e2) => return Err(e2.into()),
+                    };
+                    if !stored {
+                        let minimal = minimal_row(row, &reason);
+                        copy_logs(tx, std::slice::from_ref(&minimal)).await?;
+                    }
+                    tracing::warn!(error = %reason, source = ?row.source, "record quarantined");
+                    quarantined.push((row.clone(), reason));
+                } else {
+                    let mid = lo + (hi - lo) / 2;
+                    // Pop order keeps the file order: lower half first.
+                    stack.push((mid, hi));
+                    stack.push((lo, mid));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The refused row in a form the database accepts: content kept as escaped text.
+fn quarantine_row(row: &LogRow, reason: &str) -> LogRow {
+    let mut context = Map::new();
+    context.insert(
+        "_pipewatch".into(),
+        json!({ "quarantined": reason, "original_ts": row.ts.to_rfc3339() }),
+    );
+    context.insert(
+        "raw_context".into(),
+        Value::String(escape(&row.context.to_string())),
+    );
+    if let Some(m) = &row.metrics {
+        context.insert("raw_metrics".into(), Value::String(escape(&m.to_string())));
+    }
+    LogRow {
+        ts: Utc::now(),
+        level: row.level,
+        message: escape(&row.message),
+        logger: row.logger.as_deref().map(escape),
+        experiment_id: row.experiment_id,
+        node_id: row.node_id.as_deref().map(escape),
+        stage: row.stage.as_deref().map(escape),
+        context: Value::Object(context),
+        traceback: row.traceback.as_deref().map(escape),
+        metrics: None,
+        host: row.host.clone(),
+        daemon: row.daemon.clone(),
+        source: row.source.clone(),
+    }
+}
+
+/// The last resort when even the escaped form is refused.
+fn minimal_row(row: &LogRow, reason: &str) -> LogRow {
+    LogRow {
+        ts: Utc::now(),
+        level: Level::Error,
+        message: "record quarantined: the database refused it".into(),
+        logger: None,
+        experiment_id: None,
+        node_id: None,
+        stage: None,
+        context: json!({ "_pipewatch": { "quarantined": reason } }),
+        traceback: None,
+        metrics: None,
+        host: row.host.clone(),
+        daemon: row.daemon.clone(),
+        source: row.source.clone(),
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c == '\0' {
+                "\\u0000".chars().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+fn quarantine_event(row: &LogRow, reason: &str) -> EventRow {
+    EventRow {
+        ts: Utc::now(),
+        experiment_id: row.experiment_id,
+        node_id: None,
+        event_type: "record_quarantined".into(),
+        severity: Level::Warning,
+        message: Some(format!(
+            "a record from {} was refused by the database and stored as text",
+            row.source.as_deref().unwrap_or("?")
+        )),
+        details: json!({ "error": reason, "source": row.source }),
+        host: row.host.clone(),
+        daemon: row.daemon.clone(),
+    }
+}
+
+async fn insert_events(
+    tx: &Transaction<'_>,
+    rows: &[EventRow],
+) -> Result<(), tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ts: Vec<DateTime<Utc>> = rows.iter().map(|r| r.ts).collect();
+    let exp: Vec<Option<Uuid>> = rows.iter().map(|r| r.experiment_id).collect();
+    let node: Vec<Option<&str>> = rows.iter().map(|r| r.node_id.as_deref()).collect();
+    let et: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
+    let sev: Vec<&str> = rows.iter().map(|r| r.severity.as_str()).collect();
+    let msg: Vec<Option<&str>> = rows.iter().map(|r| r.message.as_deref()).collect();
+    let det: Vec<&Value> = rows.iter().map(|r| &r.details).collect();
+    let host: Vec<&str> = rows.iter().map(|r| r.host.as_str()).collect();
+    let daemon: Vec<&str> = rows.iter().map(|r| r.daemon.as_str()).collect();
+    tx.execute(
+        INSERT_EVENTS,
+        &[&ts, &exp, &node, &et, &sev, &msg, &det, &host, &daemon],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn insert_metrics(
+    tx: &Transaction<'_>,
+    rows: &[MetricRow],
+) -> Result<(), tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let now = Utc::now();
+    let ts: Vec<DateTime<Utc>> = rows.iter().map(|r| r.ts.unwrap_or(now)).collect();
+    let exp: Vec<Option<Uuid>> = rows.iter().map(|r| r.experiment_id).collect();
+    let node: Vec<Option<&str>> = rows.iter().map(|r| r.node_id.as_deref()).collect();
+    let host: Vec<&str> = rows.iter().map(|r| r.host.as_str()).collect();
+    let daemon: Vec<&str> = rows.iter().map(|r| r.daemon.as_str()).collect();
+    let pid: Vec<Option<i32>> = rows.iter().map(|r| r.pid).collect();
+    let cpu: Vec<Option<f64>> = rows.iter().map(|r| r.cpu_percent).collect();
+    let rss: Vec<Option<i64>> = rows.iter().map(|r| r.memory_rss_bytes).collect();
+    let mem: Vec<Option<f64>> = rows.iter().map(|r| r.memory_percent).collect();
+    let rd: Vec<Option<f64>> = rows.iter().map(|r| r.disk_read_bytes_per_sec).collect();
+    let wr: Vec<Option<f64>> = rows.iter().map(|r| r.disk_write_bytes_per_sec).collect();
+    let du: Vec<Option<f64>> = rows.iter().map(|r| r.disk_used_percent).collect();
+    let rps: Vec<Option<f64>> = rows.iter().map(|r| r.records_per_sec).collect();
+    let custom: Vec<Value> = rows
+        .iter()
+        .map(|r| Value::Object(r.custom.clone()))
+        .collect();
+    tx.execute(
+        INSERT_METRICS,
+        &[
+            &ts, &exp, &node, &host, &daemon, &pid, &cpu, &rss, &mem, &rd, &wr, &du, &rps, &custom,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Folds successive updates of the same node: a newer (or equally new, later) update overlays
+/// the fields it carries; an older one is dropped, as the database would drop it.
+pub fn collapse_progress(rows: &[ProgressRow]) -> Vec<ProgressRow> {
+    let mut out: Vec<ProgressRow> = Vec::new();
+    let mut index: HashMap<(Uuid, String), usize> = HashMap::new();
+    for r in rows {
+        let key = (r.experiment_id, r.update.node_id.clone());
+        match index.get(&key) {
+            None => {
+                index.insert(key, out.len());
+                out.push(r.clone());
+            }
+            Some(&i) => {
+                let cur = &mut out[i];
+                if r.updated_at < cur.updated_at {
+                    continue;
+                }
+                let u = &r.update;
+                let c = &mut cur.update;
+                macro_rules! overlay {
+                    ($($f:ident),*) => { $( if u.$f.is_some() { c.$f = u.$f.clone(); } )* };
+                }
+                overlay!(
+                    parent_node_id,
+                    level,
+                    name,
+                    status,
+                    percent,
+                    items_done,
+                    items_total
+                );
+                if let Some(d) = &u.details {
+                    c.details = Some(match (c.details.take(), d) {
+                        (Some(Value::Object(mut a)), Value::Object(b)) => {
+                            a.extend(b.clone());
+                            Value::Object(a)
+                        }
+                        _ => d.clone(),
+                    });
+                }
+                cur.updated_at = r.updated_at;
+            }
+        }
+    }
+    out
+}
+
+async fn upsert_progress(
+    tx: &Transaction<'_>,
+    rows: &[ProgressRow],
+) -> Result<(), tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let stmt = tx.prepare(UPSERT_PROGRESS).await?;
+    let futures = rows.iter().map(|r| {
+        let u = &r.update;
+        let stmt = &stmt;
+        async move {
+            tx.execute(
+                stmt,
+                &[
+                    &r.experiment_id,
+                    &u.node_id,
+                    &u.parent_node_id,
+                    &u.level,
+                    &u.name,
+                    &u.status,
+                    &u.percent,
+                    &u.items_done,
+                    &u.items_total,
+                    &r.updated_at,
+                    &u.details,
+                ],
+            )
+            .await
+        }
+    });
+    // Sent in order, pipelined: one round trip for the lot.
+    futures_util::future::try_join_all(futures).await?;
+    Ok(())
+}
+
+async fn upsert_checkpoints(
+    tx: &Transaction<'_>,
+    host: &str,
+    cps: &[Checkpoint],
+) -> Result<(), tokio_postgres::Error> {
+    if cps.is_empty() {
+        return Ok(());
+    }
+    let d: Vec<&str> = cps.iter().map(|c| c.daemon.as_str()).collect();
+    let f: Vec<&str> = cps.iter().map(|c| c.fingerprint.as_str()).collect();
+    let p: Vec<&str> = cps.iter().map(|c| c.path.as_str()).collect();
+    let pos: Vec<i64> = cps.iter().map(|c| c.position as i64).collect();
+    let th: Vec<Option<&str>> = cps.iter().map(|c| c.tail_hash.as_deref()).collect();
+    let st: Vec<&Value> = cps.iter().map(|c| &c.sticky).collect();
+    tx.execute(UPSERT_CHECKPOINTS, &[&host, &d, &f, &p, &pos, &th, &st])
+        .await?;
+    Ok(())
+}
