@@ -36,6 +36,15 @@ pub const ONCE_GIVE_UP: Duration = Duration::from_secs(30);
 /// Items in flight between readers and the batcher.
 const CHANNEL_CAPACITY: usize = 4;
 
+/// The `--once` give-up time; `PIPEWATCH_ONCE_GIVE_UP_SECS` shortens it (for tests).
+fn once_give_up() -> Duration {
+    std::env::var("PIPEWATCH_ONCE_GIVE_UP_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(ONCE_GIVE_UP)
+}
+
 /// What a run did, for the final log line.
 #[derive(Debug, Default, Clone)]
 pub struct Summary {
@@ -60,7 +69,7 @@ pub async fn run(
         names.clone(),
         activity.clone(),
         SinkOptions {
-            give_up_after: once.then_some(ONCE_GIVE_UP),
+            give_up_after: once.then(once_give_up),
             schema_fatal: once,
         },
     );

@@ -206,16 +206,36 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
             reason,
         };
     }
+    // Name the key whose value is at fault: the left side of `key = value` on that line.
+    let section_key = || (!section.is_empty()).then(|| section.clone());
+    let (key, value) = match e.span() {
+        Some(span) => {
+            let at = span.start.min(text.len());
+            let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            let lhs = &text[line_start..at];
+            match lhs.split_once('=') {
+                Some((k, _)) if !k.trim().is_empty() => {
+                    let k = k.trim();
+                    let full = match section_key() {
+                        Some(s) => format!("{s}.{k}"),
+                        None => k.to_string(),
+                    };
+                    let value = text.get(span.clone()).map(|v| v.trim().to_string());
+                    (Some(full), value)
+                }
+                _ => (section_key(), None),
+            }
+        }
+        None => (section_key(), None),
+    };
+    // The message may span lines (TOML syntax errors); keep it on one.
+    let reason = msg.lines().map(str::trim).collect::<Vec<_>>().join(" ");
     ConfigError {
         file: path.to_path_buf(),
         line,
-        key: if section.is_empty() {
-            None
-        } else {
-            Some(section)
-        },
-        value: None,
-        reason: msg,
+        key,
+        value,
+        reason,
     }
 }
 

@@ -2,4 +2,6 @@
 
 mod support;
 
+mod config;
 mod harness;
+mod shipper;
