@@ -1,5 +1,7 @@
 //! The integration tests: one binary, real PostgreSQL, real files, the real `pipewatch` binary.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 mod config;
