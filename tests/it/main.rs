@@ -7,3 +7,4 @@ mod support;
 mod config;
 mod harness;
 mod shipper;
+mod tls;

@@ -99,6 +99,12 @@ fn pg_tool(bindir: &Path, tool: &str, args: &[&str]) -> std::process::Output {
 impl Cluster {
     /// initdb + start a new cluster in a temp dir on a free port.
     pub fn start_new() -> Cluster {
+        Cluster::start_with("", |_| {})
+    }
+
+    /// Like [`Cluster::start_new`], with extra `postgresql.conf` lines and a hook that may put
+    /// files (certificates) into the data directory before the server starts.
+    pub fn start_with(extra_conf: &str, prepare: impl FnOnce(&Path)) -> Cluster {
         let bindir = find_bindir();
         let base = std::env::temp_dir().join(format!(
             "pipewatch-pg-{}-{}",
@@ -141,8 +147,17 @@ impl Cluster {
         let mut existing =
             std::fs::read_to_string(data.join("postgresql.conf")).unwrap_or_default();
         existing.push_str(conf);
+        existing.push_str(extra_conf);
+        existing.push('\n');
         // Written as root; postgres only needs to read it.
         std::fs::write(data.join("postgresql.conf"), existing).expect("write postgresql.conf");
+        prepare(&data);
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&data)
+                .status();
+        }
         let cluster = Cluster {
             port: free_port(),
             dir: base,
