@@ -86,12 +86,12 @@ fn roots(ca_file: Option<&Path>) -> anyhow::Result<RootCertStore> {
                 .map_err(|e| anyhow!("{e}"))
                 .with_context(|| format!("cannot read CA file {}", path.display()))?;
             for cert in iter {
-                let cert = cert
-                    .map_err(|e| anyhow!("{e}"))
-                    .with_context(|| format!("invalid certificate in CA file {}", path.display()))?;
-                store
-                    .add(cert)
-                    .map_err(|e| anyhow!("invalid certificate in CA file {}: {e}", path.display()))?;
+                let cert = cert.map_err(|e| anyhow!("{e}")).with_context(|| {
+                    format!("invalid certificate in CA file {}", path.display())
+                })?;
+                store.add(cert).map_err(|e| {
+                    anyhow!("invalid certificate in CA file {}: {e}", path.display())
+                })?;
             }
             if store.is_empty() {
                 return Err(anyhow!("CA file {} holds no certificate", path.display()));
