@@ -16,6 +16,7 @@ pub mod errors;
 pub mod logs;
 pub mod migrate;
 pub mod progress;
+pub mod render;
 pub mod run;
 pub mod status;
 pub mod verify;
@@ -66,6 +67,9 @@ pub enum Command {
     Status(status::Args),
     /// Demonstrate pipewatch end to end against a throwaway local PostgreSQL
     Demo(demo::Args),
+    /// The demo's simulated pipeline daemon
+    #[command(hide = true)]
+    DemoDaemon(demo::DaemonArgs),
 }
 
 /// What every subcommand gets: where the config is and how to reach the database.
@@ -149,5 +153,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<Code> {
         Command::Cleanup(a) => cleanup::execute(a, &ctx).await,
         Command::Status(a) => status::execute(a, &ctx).await,
         Command::Demo(a) => demo::execute(a, &ctx).await,
+        Command::DemoDaemon(a) => demo::run_daemon(a),
     }
 }

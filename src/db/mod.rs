@@ -3,6 +3,7 @@
 
 pub mod connect;
 pub mod migrate;
+pub mod queries;
 pub mod throwaway;
 pub mod tls;
 
