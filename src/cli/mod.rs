@@ -156,3 +156,46 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<Code> {
         Command::DemoDaemon(a) => demo::run_daemon(a),
     }
 }
+
+/// An `--experiment` value (UUID or name) as an id; an unknown one is an error that lists a
+/// few experiments that do exist.
+pub async fn experiment_arg(
+    client: &tokio_postgres::Client,
+    value: &str,
+) -> anyhow::Result<uuid::Uuid> {
+    if let Some(id) = crate::db::queries::resolve_experiment(client, value).await? {
+        return Ok(id);
+    }
+    let known = client
+        .query(
+            "SELECT id::text, coalesce(name, '') FROM experiments ORDER BY id LIMIT 5",
+            &[],
+        )
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| format!("{} ({})", r.get::<_, String>(1), r.get::<_, String>(0)))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    if known.is_empty() {
+        anyhow::bail!("no experiment named {value:?}, and the experiments table is empty")
+    }
+    anyhow::bail!(
+        "no experiment named {value:?}; some that exist: {}",
+        known.join(", ")
+    )
+}
+
+/// A LIKE pattern matching `text` anywhere, with `%`, `_` and `\\` escaped.
+pub fn like_pattern(text: &str) -> String {
+    let mut p = String::from("%");
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
