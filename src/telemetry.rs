@@ -22,3 +22,37 @@ pub fn init(verbose: bool) {
         .with_target(false)
         .try_init();
 }
+
+/// Sends a state line to systemd (`READY=1`, `STATUS=…`, `WATCHDOG=1`, `STOPPING=1`) when
+/// running under a `Type=notify` unit; does nothing otherwise.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        // An abstract socket name.
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), std::path::Path::new(&path))
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "sd_notify failed");
+    }
+}
+
+/// The watchdog interval systemd asked for (half of `WATCHDOG_USEC`), if any.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    Some(std::time::Duration::from_micros(usec / 2))
+}

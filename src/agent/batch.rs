@@ -34,7 +34,7 @@ pub struct FileChunk {
 }
 
 /// One message to the batcher.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Item {
     Chunk(FileChunk),
     /// Rows that belong to no file: metrics and the agent's own events.
@@ -42,10 +42,12 @@ pub enum Item {
         metrics: Vec<MetricRow>,
         events: Vec<EventRow>,
     },
+    /// Answered once everything sent before it is committed (used when a reader is replaced).
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Everything one transaction writes.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Batch {
     pub logs: Vec<LogRow>,
     pub events: Vec<EventRow>,
@@ -53,6 +55,8 @@ pub struct Batch {
     pub metrics: Vec<MetricRow>,
     /// The latest position per (daemon, fingerprint).
     pub checkpoints: Vec<Checkpoint>,
+    /// To answer once this batch is committed.
+    pub barriers: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Batch {
@@ -91,6 +95,7 @@ impl Batch {
                 self.metrics.extend(metrics);
                 self.events.extend(events);
             }
+            Item::Barrier(tx) => self.barriers.push(tx),
         }
     }
 }
@@ -115,7 +120,8 @@ impl Batcher {
         }
     }
 
-    /// The next batch; `None` once every sender is gone and nothing is left.
+    /// The next batch; `None` once every sender is gone and nothing is left. A barrier closes
+    /// the batch it arrives in.
     pub async fn next(&mut self) -> Option<Batch> {
         let first = match self.carry.take() {
             Some(item) => item,
@@ -125,7 +131,7 @@ impl Batcher {
         let mut batch = Batch::default();
         let mut index = HashMap::new();
         batch.add(first, &mut index);
-        while batch.logs.len() < self.max_records {
+        while batch.logs.len() < self.max_records && batch.barriers.is_empty() {
             let item = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(item)) => item,
                 Ok(None) | Err(_) => break,
@@ -195,6 +201,20 @@ mod tests {
         assert_eq!(second.logs.len(), 2);
         assert_eq!(second.checkpoints[0].fingerprint, "b");
         assert!(b.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_barrier_closes_the_batch() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut b = Batcher::new(rx, 1000, Duration::from_millis(200));
+        let (btx, _brx) = tokio::sync::oneshot::channel();
+        tx.send(chunk("a", 1, 10)).await.unwrap();
+        tx.send(Item::Barrier(btx)).await.unwrap();
+        tx.send(chunk("a", 1, 20)).await.unwrap();
+        let first = b.next().await.unwrap();
+        assert_eq!((first.logs.len(), first.barriers.len()), (1, 1));
+        let second = b.next().await.unwrap();
+        assert_eq!((second.logs.len(), second.barriers.len()), (1, 0));
     }
 
     #[tokio::test(start_paused = true)]

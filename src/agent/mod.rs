@@ -15,6 +15,7 @@ pub mod route;
 pub mod rules;
 pub mod shutdown;
 pub mod sink;
+pub mod supervisor;
 pub mod tail;
 
 use crate::config::Config;
@@ -24,8 +25,8 @@ use batch::{Batch, Batcher, Item};
 use chrono::Utc;
 use serde_json::json;
 use sink::{Sink, SinkError, SinkOptions};
-use std::sync::Arc;
 use std::time::Duration;
+use supervisor::Supervisor;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +64,7 @@ pub async fn run(
     let activity = activity::shared();
     let host = config.agent.host.clone();
     let names: Vec<String> = config.daemons.iter().map(|d| d.name.clone()).collect();
+    let target_for_reload = target.clone();
     let mut sink = Sink::new(
         target,
         host.clone(),
@@ -76,39 +78,14 @@ pub async fn run(
     sink.connect(Some(&stop)).await?;
     tracing::info!(host = %host, daemons = ?names, once, "agent started");
 
-    let (tx, rx) = mpsc::channel::<Item>(CHANNEL_CAPACITY);
-    let mut wakers = Vec::new();
-    let mut readers = Vec::new();
-    for d in &config.daemons {
-        if d.logs.is_empty() {
-            continue;
-        }
-        let checkpoints = sink.load_checkpoints(&d.name).await?;
-        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
-        wakers.push(wake_tx);
-        let setup = tail::ReaderSetup {
-            daemon: Arc::new(d.clone()),
-            host: host.clone(),
-            once,
-            max_records: config.batch.max_records,
-            max_wait: config.batch.max_wait,
-            checkpoints,
-            tx: tx.clone(),
-            activity: activity.clone(),
-            stop: stop.clone(),
-            wake: wake_rx,
-        };
-        let name = d.name.clone();
-        match std::thread::Builder::new()
-            .name(format!("read-{name}"))
-            .spawn(move || tail::Reader::new(setup).run())
-        {
-            Ok(h) => readers.push(h),
-            Err(error) => tracing::error!(daemon = %name, %error, "cannot start reader thread"),
-        }
-    }
-    let _watcher = if once { None } else { watch(&config, wakers) };
+    crate::telemetry::sd_notify("READY=1");
 
+    let (tx, rx) = mpsc::channel::<Item>(CHANNEL_CAPACITY);
+    let mut sup = Supervisor::new(&config, once, tx.clone(), activity.clone(), stop.clone());
+    for d in &config.daemons {
+        let checkpoints = sink.load_checkpoints(&d.name).await?;
+        sup.start(d, checkpoints);
+    }
     let started = agent_event(
         &host,
         "agent_started",
@@ -128,6 +105,14 @@ pub async fn run(
         })
         .await;
     drop(tx);
+    let supervisor = tokio::spawn(supervise(
+        sup,
+        config.clone(),
+        target_for_reload,
+        once,
+        stop.clone(),
+    ));
+    let notifier = tokio::spawn(notify_systemd(activity.clone(), stop.clone()));
 
     let mut batcher = Batcher::new(rx, config.batch.max_records, config.batch.max_wait);
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -175,10 +160,10 @@ pub async fn run(
             tracing::warn!(%error, "could not record agent_stopped");
         }
     }
+    crate::telemetry::sd_notify("STOPPING=1");
+    notifier.abort();
     if result.is_ok() {
-        for h in readers {
-            let _ = h.join();
-        }
+        let _ = supervisor.await;
     }
     result.map(|()| summary)
 }
@@ -203,69 +188,83 @@ fn agent_event(
     }
 }
 
-/// Watches the directories of every glob and wakes all readers on any event (a hint only).
-fn watch(
-    config: &Config,
-    wakers: Vec<std::sync::mpsc::Sender<()>>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::{RecursiveMode, Watcher};
-    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        for w in &wakers {
-            let _ = w.send(());
+/// Owns the readers until the agent stops; applies SIGHUP reloads meanwhile.
+async fn supervise(
+    mut sup: Supervisor,
+    mut config: Config,
+    target: DbTarget,
+    once: bool,
+    stop: CancellationToken,
+) {
+    if once {
+        sup.close();
+        sup.join_all().await;
+        return;
+    }
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(h) => Some(h),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; reload disabled");
+            None
         }
-    })
-    .map_err(|error| tracing::warn!(%error, "file notifications unavailable; polling only"))
-    .ok()?;
-    for d in &config.daemons {
-        for pattern in &d.logs {
-            let (dir, recursive) = glob_root(pattern);
-            let mode = if recursive {
-                RecursiveMode::Recursive
-            } else {
-                RecursiveMode::NonRecursive
-            };
-            if let Err(error) = watcher.watch(&dir, mode) {
-                tracing::debug!(dir = %dir.display(), %error, "cannot watch directory; polling it");
+    };
+    loop {
+        let got_hup = async {
+            match &mut hup {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = got_hup => {
+                crate::telemetry::sd_notify("RELOADING=1");
+                match crate::config::load(&config.source) {
+                    Err(errors) => {
+                        for e in &errors.0 {
+                            tracing::error!(error = %e, "config reload refused; keeping the running config");
+                        }
+                    }
+                    Ok(new) => match sup.reload(&config, &new, &target).await {
+                        Ok(()) => {
+                            tracing::info!(daemons = new.daemons.len(), "config reloaded");
+                            config = new;
+                        }
+                        Err(error) => tracing::error!(error = %format!("{error:#}"), "config reload failed"),
+                    },
+                }
+                crate::telemetry::sd_notify("READY=1");
             }
         }
     }
-    Some(watcher)
+    sup.close();
+    sup.join_all().await;
 }
 
-/// The deepest directory of a glob without wildcards, and whether wildcards span directories.
-fn glob_root(pattern: &str) -> (std::path::PathBuf, bool) {
-    let mut root = std::path::PathBuf::from("/");
-    let parts: Vec<&str> = pattern.split('/').filter(|p| !p.is_empty()).collect();
-    for (i, part) in parts.iter().enumerate() {
-        if part.contains(['*', '?', '[']) {
-            return (root, i + 1 < parts.len());
-        }
-        if i + 1 == parts.len() {
-            return (root, false);
-        }
-        root.push(part);
+/// systemd STATUS and WATCHDOG pings while the agent runs.
+async fn notify_systemd(activity: activity::SharedActivity, stop: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
     }
-    (root, false)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::glob_root;
-    use std::path::PathBuf;
-
-    #[test]
-    fn glob_roots() {
-        assert_eq!(
-            glob_root("/var/log/geo/*.jsonl"),
-            (PathBuf::from("/var/log/geo"), false)
-        );
-        assert_eq!(
-            glob_root("/data/*/logs/*.jsonl"),
-            (PathBuf::from("/data"), true)
-        );
-        assert_eq!(
-            glob_root("/var/log/app.jsonl"),
-            (PathBuf::from("/var/log"), false)
-        );
+    let every = crate::telemetry::watchdog_interval()
+        .unwrap_or(Duration::from_secs(10))
+        .min(Duration::from_secs(10));
+    loop {
+        let status = match activity.lock() {
+            Ok(a) => format!(
+                "STATUS=files {}, records shipped {}, lag {} bytes, reconnects {}",
+                a.files.len(),
+                a.agent.records_shipped,
+                a.files.values().map(|f| f.lag_bytes).sum::<u64>(),
+                a.agent.reconnects
+            ),
+            Err(_) => "STATUS=running".to_string(),
+        };
+        crate::telemetry::sd_notify(&status);
+        crate::telemetry::sd_notify("WATCHDOG=1");
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }

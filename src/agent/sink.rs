@@ -255,24 +255,9 @@ impl Sink {
     ) -> Result<Vec<crate::agent::tail::StoredCheckpoint>, SinkError> {
         let host = self.host.clone();
         let client = self.client().await.map_err(|f| SinkError::Schema(f.text))?;
-        let rows = client
-            .query(
-                "SELECT fingerprint, path, position, tail_hash, sticky FROM pipewatch_checkpoints \
-                 WHERE host = $1 AND daemon = $2 ORDER BY updated_at",
-                &[&host, &daemon],
-            )
+        crate::agent::supervisor::load_checkpoints(client, &host, daemon)
             .await
-            .map_err(|e| SinkError::Schema(schema_hint(&describe(&e))))?;
-        Ok(rows
-            .iter()
-            .map(|r| crate::agent::tail::StoredCheckpoint {
-                fingerprint: r.get(0),
-                path: r.get(1),
-                position: r.get::<_, i64>(2).max(0) as u64,
-                tail_hash: r.get(3),
-                sticky: r.get(4),
-            })
-            .collect())
+            .map_err(|e| SinkError::Schema(schema_hint(&describe(&e))))
     }
 
     /// Creates upcoming daily partitions (at start, then every few hours).
@@ -301,6 +286,19 @@ impl Sink {
     /// committed, or with an error when the limits are exceeded (the batch is then not
     /// committed, and its lines are read again at the next start).
     pub async fn commit(
+        &mut self,
+        mut batch: Batch,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), SinkError> {
+        let barriers = std::mem::take(&mut batch.barriers);
+        self.commit_rows(batch, deadline).await?;
+        for b in barriers {
+            let _ = b.send(());
+        }
+        Ok(())
+    }
+
+    async fn commit_rows(
         &mut self,
         batch: Batch,
         deadline: Option<tokio::time::Instant>,
