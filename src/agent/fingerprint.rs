@@ -61,7 +61,34 @@ pub fn tail_hash(file: &File, position: u64) -> std::io::Result<Option<String>> 
         }
         filled += n;
     }
-    Ok(Some(format!("{:016x}", fnv1a(&buf))))
+    Ok(Some(hash_tail_bytes(&buf)))
+}
+
+/// The checksum [`tail_hash`] stores, of bytes already in hand.
+pub fn hash_tail_bytes(bytes: &[u8]) -> String {
+    format!("{:016x}", fnv1a(bytes))
+}
+
+/// The [`tail_hash`] of position `end`, computed from the bytes just read: `buf` starts at file
+/// offset `buf_start` and `carry` holds the bytes just before it. `None` when `end` is outside
+/// what is in hand. Reading the file again instead would race with truncation.
+pub fn window_tail_hash(carry: &[u8], buf: &[u8], buf_start: u64, end: u64) -> Option<String> {
+    let buf_end = buf_start + buf.len() as u64;
+    if end < buf_start || end > buf_end {
+        return None;
+    }
+    let start = end.saturating_sub(TAIL_BYTES);
+    let rel_end = (end - buf_start) as usize;
+    if start >= buf_start {
+        return Some(hash_tail_bytes(&buf[(start - buf_start) as usize..rel_end]));
+    }
+    let from_carry = (buf_start - start) as usize;
+    if from_carry > carry.len() {
+        return None;
+    }
+    let mut bytes = carry[carry.len() - from_carry..].to_vec();
+    bytes.extend_from_slice(&buf[..rel_end]);
+    Some(hash_tail_bytes(&bytes))
 }
 
 /// Whether a file's leading bytes say it is compressed (gzip, zstd, bzip2, xz, lz4, zip).
@@ -124,6 +151,34 @@ mod tests {
         assert_eq!(tail_hash(&f, 9).unwrap(), tail_hash(&g, 9).unwrap());
         assert_ne!(tail_hash(&f, 18).unwrap(), tail_hash(&g, 18).unwrap());
         assert_eq!(tail_hash(&f, 100).unwrap(), None);
+    }
+
+    #[test]
+    fn window_hash_equals_the_file_hash() {
+        let content: Vec<u8> = (0..300u32)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
+        let (_t, f) = file_with(&content);
+        for (buf_start, len) in [(0usize, 100usize), (40, 200), (150, 500), (1000, 300)] {
+            let buf = &content[buf_start..(buf_start + len).min(content.len())];
+            let carry = &content[buf_start.saturating_sub(64)..buf_start];
+            for end in buf_start..=buf_start + buf.len() {
+                assert_eq!(
+                    window_tail_hash(carry, buf, buf_start as u64, end as u64),
+                    tail_hash(&f, end as u64).unwrap(),
+                    "buf_start {buf_start} end {end}"
+                );
+            }
+            assert_eq!(
+                window_tail_hash(
+                    carry,
+                    buf,
+                    buf_start as u64,
+                    (buf_start + buf.len() + 1) as u64
+                ),
+                None
+            );
+        }
     }
 
     #[test]

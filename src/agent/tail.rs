@@ -8,7 +8,9 @@
 
 use crate::agent::activity::{FileActivity, ProgressActivity, SharedActivity};
 use crate::agent::batch::{Checkpoint, FileChunk, Item};
-use crate::agent::fingerprint::{compressed_name, fingerprint, looks_compressed, tail_hash};
+use crate::agent::fingerprint::{
+    compressed_name, fingerprint, looks_compressed, tail_hash, window_tail_hash, TAIL_BYTES,
+};
 use crate::agent::lines::{Line, LineSplitter};
 use crate::agent::parse::{ParseOptions, Parser};
 use crate::agent::route::{path_captures, route, SourceContext};
@@ -112,6 +114,14 @@ struct Tracked {
     rotated: bool,
     /// Reached EOF at the last read.
     at_eof: bool,
+    /// The (up to) [`TAIL_BYTES`] bytes before `read_pos`, for position checksums.
+    carry: Vec<u8>,
+}
+
+/// The bytes in hand around a read buffer.
+struct Window {
+    carry: Vec<u8>,
+    buf_start: u64,
 }
 
 /// The per-daemon reader.
@@ -181,8 +191,10 @@ impl Reader {
             }
             let mut progressed = false;
             let order = self.read_order();
+            let tracked = self.files.len();
             for i in order {
-                if self.setup.stop.is_cancelled() {
+                // A file let go (truncated) shifts the indices: start the round again.
+                if self.setup.stop.is_cancelled() || self.files.len() != tracked {
                     break;
                 }
                 match self.read_some(i) {
@@ -261,11 +273,9 @@ impl Reader {
             let t = &self.files[i];
             let len = t.file.metadata().map(|m| m.len()).unwrap_or(0);
             let replaced = len < t.read_pos
-                || matches!(fingerprint(&t.file), Ok(Some(fp)) if fp != t.fingerprint)
-                || matches!(fingerprint(&t.file), Ok(None));
+                || !matches!(fingerprint(&t.file), Ok(Some(fp)) if fp == t.fingerprint);
             if replaced {
-                tracing::info!(path = %t.source, "file truncated (copytruncate?); reading it again from the start");
-                if self.truncated(i) == Flow::Closed {
+                if self.replaced(i).is_err() {
                     return;
                 }
                 continue;
@@ -339,6 +349,7 @@ impl Reader {
             return;
         }
         let source = path.to_string_lossy().into_owned();
+        let mut announce = false;
         let (start, sticky) = match self.positions.get(&fp) {
             Some(p) => {
                 let fits =
@@ -357,6 +368,7 @@ impl Reader {
                     .cloned()
                     .unwrap_or_default();
                 let start = if startup && self.setup.daemon.start_at == StartAt::End {
+                    announce = true;
                     last_line_end(&file, len)
                 } else {
                     0
@@ -379,7 +391,7 @@ impl Reader {
             dev,
             ino,
             file,
-            fingerprint: fp,
+            fingerprint: fp.clone(),
             splitter: LineSplitter::new(start, self.setup.daemon.max_line_bytes),
             parser: Parser::new(self.opts.clone()),
             sticky,
@@ -388,7 +400,45 @@ impl Reader {
             last_data: Instant::now(),
             rotated: false,
             at_eof: false,
+            carry: Vec::new(),
         });
+        if announce {
+            // Commit the skipped-to position, so the next start does not skip again.
+            let hash = self
+                .files
+                .last()
+                .and_then(|t| tail_hash(&t.file, start).ok().flatten());
+            self.send_position(&fp, start, hash);
+        }
+    }
+
+    /// Sends a position with no rows (`start_at = "end"`).
+    fn send_position(&mut self, fp: &str, position: u64, tail_hash: Option<String>) {
+        let Some(t) = self.files.iter().find(|t| t.fingerprint == fp) else {
+            return;
+        };
+        self.positions.insert(
+            fp.to_string(),
+            Position {
+                position,
+                tail_hash: tail_hash.clone(),
+                sticky: t.sticky.clone(),
+            },
+        );
+        let chunk = FileChunk {
+            logs: Vec::new(),
+            events: Vec::new(),
+            progress: Vec::new(),
+            checkpoint: Checkpoint {
+                daemon: self.setup.daemon.name.clone(),
+                fingerprint: fp.to_string(),
+                path: t.source.clone(),
+                position,
+                tail_hash,
+                sticky: t.sticky.to_json(),
+            },
+        };
+        let _ = self.setup.tx.blocking_send(Item::Chunk(chunk));
     }
 
     /// Reads one buffer from file `i`; `Ok(true)` when bytes were read.
@@ -403,9 +453,21 @@ impl Reader {
         };
         if n == 0 {
             t.at_eof = true;
+            let len = t.file.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < t.read_pos {
+                return self.replaced(i);
+            }
             self.note_lag(i);
             return Ok(false);
         }
+        // The file may have been truncated and rewritten past our offset since the last read
+        // (copytruncate while we waited for the database): then what we just read belongs to
+        // the new content. Checking after the read makes that certain; the bytes are dropped
+        // and the path is read again as a new file.
+        if !matches!(fingerprint(&t.file), Ok(Some(fp)) if fp == t.fingerprint) {
+            return self.replaced(i);
+        }
+        let buf_start = t.read_pos;
         t.at_eof = false;
         t.read_pos += n as u64;
         t.last_data = Instant::now();
@@ -415,16 +477,41 @@ impl Reader {
         for line in self.lines.drain(..) {
             t.parser.push(line, &mut self.records);
         }
-        if self.records.is_empty() {
-            return Ok(true);
-        }
         let records = std::mem::take(&mut self.records);
-        let flow = self.ship(i, records);
+        let flow = if records.is_empty() {
+            Flow::Continue
+        } else {
+            let window = Window {
+                carry: std::mem::take(&mut self.files[i].carry),
+                buf_start,
+            };
+            let buf = std::mem::take(&mut self.buf);
+            let flow = self.ship(i, records, Some((&window, &buf[..n])));
+            self.buf = buf;
+            self.files[i].carry = window.carry;
+            flow
+        };
+        let t = &mut self.files[i];
+        let mut carry = std::mem::take(&mut t.carry);
+        carry.extend_from_slice(&self.buf[n.saturating_sub(TAIL_BYTES as usize)..n]);
+        let excess = carry.len().saturating_sub(TAIL_BYTES as usize);
+        carry.drain(..excess);
+        t.carry = carry;
         self.note_lag(i);
         if flow == Flow::Closed {
             return Err(Flow::Closed);
         }
         Ok(true)
+    }
+
+    /// File `i` was truncated or replaced under its handle: hand over what it holds, let it go,
+    /// and let discovery pick the path up again as a new file.
+    fn replaced(&mut self, i: usize) -> Result<bool, Flow> {
+        tracing::info!(path = %self.files[i].source, "file truncated (copytruncate?); reading it again from the start");
+        match self.truncated(i) {
+            Flow::Closed => Err(Flow::Closed),
+            Flow::Continue => Ok(true),
+        }
     }
 
     fn note_lag(&self, i: usize) {
@@ -462,11 +549,17 @@ impl Reader {
         if out.is_empty() {
             return Flow::Continue;
         }
-        self.ship(i, out)
+        self.ship(i, out, None)
     }
 
-    /// Applies rules, routes and sends the records of file `i` in chunks.
-    fn ship(&mut self, i: usize, records: Vec<(Record, u64)>) -> Flow {
+    /// Applies rules, routes and sends the records of file `i` in chunks. `window` is the
+    /// buffer just read (with the bytes before it), for position checksums.
+    fn ship(
+        &mut self,
+        i: usize,
+        records: Vec<(Record, u64)>,
+        window: Option<(&Window, &[u8])>,
+    ) -> Flow {
         let now: DateTime<Utc> = Utc::now();
         let daemon = Arc::clone(&self.setup.daemon);
         let host = self.setup.host.clone();
@@ -502,7 +595,9 @@ impl Reader {
             }
             note_activity(&self.setup.activity, &daemon.name, &logs, &progress, now);
             let _ = last;
-            let hash = tail_hash(&t.file, end).ok().flatten();
+            let hash = window
+                .and_then(|(w, buf)| window_tail_hash(&w.carry, buf, w.buf_start, end))
+                .or_else(|| tail_hash(&t.file, end).ok().flatten());
             let sticky_json = t.sticky.to_json();
             self.positions.insert(
                 t.fingerprint.clone(),

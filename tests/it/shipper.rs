@@ -207,6 +207,9 @@ fn rotation_case(style: Rotation, glob: &str) {
     let (code, _, stderr) = agent.terminate();
     assert!(done, "not all lines arrived ({style:?}):\n{stderr}");
     assert_eq!(code, Some(0), "{stderr}");
+    if env.count("SELECT count(*) FROM pipeline_logs") != n as i64 {
+        eprintln!("{stderr}");
+    }
     assert_exactly(&env, "app", n);
 }
 
