@@ -3,6 +3,7 @@
 
 pub mod connect;
 pub mod migrate;
+pub mod schema;
 pub mod tls;
 
 pub use connect::{connect, DbTarget};
