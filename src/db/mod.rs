@@ -4,6 +4,7 @@
 pub mod connect;
 pub mod migrate;
 pub mod queries;
+pub mod schema;
 pub mod throwaway;
 pub mod tls;
 

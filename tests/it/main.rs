@@ -6,5 +6,8 @@ mod support;
 
 mod config;
 mod harness;
+mod migrate;
+mod schema;
 mod shipper;
 mod tls;
+mod verify;
