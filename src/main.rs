@@ -19,7 +19,9 @@ fn main() -> ExitCode {
             return code.into();
         }
     };
-    pipewatch::telemetry::init(cli.verbose);
+    // The demo prints its own story; the agent inside it only speaks up about problems.
+    let quiet = matches!(cli.command, pipewatch::cli::Command::Demo(_));
+    pipewatch::telemetry::init(cli.verbose, quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
