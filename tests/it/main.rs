@@ -3,3 +3,6 @@
 mod support;
 
 mod harness;
+mod migrate;
+mod schema;
+mod verify;
