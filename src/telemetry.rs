@@ -4,12 +4,13 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// Installs the subscriber once; `verbose` raises the default level to debug.
-pub fn init(verbose: bool) {
-    let default = if verbose {
-        "pipewatch=debug"
-    } else {
-        "pipewatch=info"
+/// Installs the subscriber once; `verbose` raises the default level to debug, `quiet` lowers
+/// it to warnings.
+pub fn init(verbose: bool, quiet: bool) {
+    let default = match (verbose, quiet) {
+        (true, _) => "pipewatch=debug",
+        (false, true) => "pipewatch=warn",
+        (false, false) => "pipewatch=info",
     };
     let filter = std::env::var("PIPEWATCH_LOG")
         .ok()

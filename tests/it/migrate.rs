@@ -129,12 +129,12 @@ fn twenty_concurrent_migrate_processes_all_succeed_and_apply_each_file_once() {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
-                .unwrap()
+                .expect("test setup")
         })
         .collect();
     let mut applied_now = 0;
     for child in children {
-        let out = child.wait_with_output().unwrap();
+        let out = child.wait_with_output().expect("test setup");
         let (o, e) = text(&out);
         assert_eq!(out.status.code(), Some(0), "{o}{e}");
         applied_now += o.matches("applied now").count();
@@ -156,20 +156,22 @@ fn twenty_concurrent_migrate_processes_all_succeed_and_apply_each_file_once() {
 #[test]
 fn concurrent_apply_from_several_tasks_applies_each_file_once() {
     let url = pg::fresh_db();
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rt = tokio::runtime::Runtime::new().expect("test setup");
     let reports = rt.block_on(async {
         let mut handles = Vec::new();
         for _ in 0..8 {
             let url = url.clone();
             handles.push(tokio::spawn(async move {
-                let target = pipewatch::db::DbTarget::parse(&url, None, None).unwrap();
-                let mut client = pipewatch::db::connect(&target).await.unwrap();
-                pipewatch::db::migrate::apply(&mut client).await.unwrap()
+                let target = pipewatch::db::DbTarget::parse(&url, None, None).expect("test setup");
+                let mut client = pipewatch::db::connect(&target).await.expect("test setup");
+                pipewatch::db::migrate::apply(&mut client)
+                    .await
+                    .expect("test setup")
             }));
         }
         let mut out = Vec::new();
         for h in handles {
-            out.push(h.await.unwrap());
+            out.push(h.await.expect("test setup"));
         }
         out
     });
@@ -263,7 +265,7 @@ fn force_without_yes_refuses_and_keeps_the_data() {
     let out = pipewatch_cmd(&["--database-url", &url, "migrate", "--force"])
         .stdin(Stdio::null())
         .output()
-        .unwrap();
+        .expect("test setup");
     let (o, e) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{o}{e}");
     assert_eq!(
@@ -426,22 +428,22 @@ fn the_agent_role_copies_into_the_parent_tables_without_ddl_or_delete_rights() {
     use futures_util::SinkExt;
     let url = pg::fresh_db();
     assert_eq!(migrate(&url, &[]).0, 0);
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rt = tokio::runtime::Runtime::new().expect("test setup");
     rt.block_on(async {
-        let target = pipewatch::db::DbTarget::parse(&url, None, None).unwrap();
-        let client = pipewatch::db::connect(&target).await.unwrap();
-        client.batch_execute("SET ROLE pipewatch_agent").await.unwrap();
+        let target = pipewatch::db::DbTarget::parse(&url, None, None).expect("test setup");
+        let client = pipewatch::db::connect(&target).await.expect("test setup");
+        client.batch_execute("SET ROLE pipewatch_agent").await.expect("test setup");
         let sink = client
             .copy_in("COPY pipeline_logs (ts, level, message, host, daemon) FROM STDIN")
             .await
-            .unwrap();
+            .expect("test setup");
         let mut sink = Box::pin(sink);
         sink.send(bytes::Bytes::from_static(
             b"2026-01-01 00:00:00+00\tINFO\tcopied\th\td\n",
         ))
         .await
-        .unwrap();
-        assert_eq!(sink.as_mut().finish().await.unwrap(), 1);
+        .expect("test setup");
+        assert_eq!(sink.as_mut().finish().await.expect("test setup"), 1);
         // The agent may create partitions through the SECURITY DEFINER function …
         let n: i32 = client
             .query_one(
@@ -449,7 +451,7 @@ fn the_agent_role_copies_into_the_parent_tables_without_ddl_or_delete_rights() {
                 &[],
             )
             .await
-            .unwrap()
+            .expect("test setup")
             .get(0);
         assert_eq!(n, 3);
         // … but has no DDL or DELETE rights of its own.
@@ -458,7 +460,7 @@ fn the_agent_role_copies_into_the_parent_tables_without_ddl_or_delete_rights() {
             "CREATE TABLE pipeline_logs_x PARTITION OF pipeline_logs FOR VALUES FROM ('2030-01-01') TO ('2030-01-02')",
             "SELECT cleanup_old_logs(0)",
         ] {
-            let err = client.batch_execute(sql).await.unwrap_err();
+            let err = client.batch_execute(sql).await.expect_err("fails");
             assert_eq!(
                 err.code(),
                 Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),

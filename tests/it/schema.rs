@@ -258,7 +258,7 @@ fn get_experiment_logs_level_search_limit_semantics() {
         &url,
         &format!("SELECT * FROM get_experiment_logs('{EXP}', 'LOUD')"),
     )
-    .unwrap_err();
+    .expect_err("fails");
     assert!(
         err.contains("unknown level LOUD: use DEBUG, INFO, WARNING, ERROR or CRITICAL"),
         "{err}"
@@ -377,7 +377,7 @@ fn cleanup_old_logs_drops_whole_partitions_and_deletes_in_the_others() {
         ),
         "0"
     );
-    let err = pg::try_psql(&url, "SELECT cleanup_old_logs(-1)").unwrap_err();
+    let err = pg::try_psql(&url, "SELECT cleanup_old_logs(-1)").expect_err("fails");
     assert!(
         err.contains("cleanup_old_logs: p_days must be 0 or more, not -1"),
         "{err}"
