@@ -1,6 +1,7 @@
 -- 0006: the three monitoring views.
 
--- ERROR and CRITICAL records of the last 24 hours with their experiment's name, newest first.
+-- ERROR and CRITICAL records with their experiment's name, newest first. No time window:
+-- backfilled errors count too; add `WHERE ts > now() - interval '…'` (pruned by partition) to narrow.
 CREATE OR REPLACE VIEW recent_experiment_errors AS
 SELECT l.id,
        l.ts,
@@ -19,7 +20,6 @@ SELECT l.id,
   FROM pipeline_logs l
   LEFT JOIN experiments e ON e.id = l.experiment_id
  WHERE l.level IN ('ERROR', 'CRITICAL')
-   AND l.ts > now() - interval '24 hours'
  ORDER BY l.ts DESC, l.id DESC;
 
 -- Per experiment: nodes by status, overall percent (the mean of its root nodes), last update.

@@ -217,7 +217,7 @@ async fn relation_exists(
 pub fn sample_queries(experiment: Option<&str>) -> String {
     let id = experiment.unwrap_or("00000000-0000-0000-0000-000000000000");
     format!(
-        "-- Recent errors (last 24 hours), with the experiment's name:
+        "-- Recent errors, newest first, with the experiment's name:
 SELECT ts, experiment_name, node_id, level, message
   FROM recent_experiment_errors
  WHERE experiment_id = '{id}'
