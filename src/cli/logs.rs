@@ -90,15 +90,15 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     if !args.follow {
         return Ok(Code::Success);
     }
-    if last_id == 0 {
-        last_id = client
-            .query_one(
-                "SELECT coalesce(max(id), 0) FROM pipeline_logs WHERE experiment_id = $1",
-                &[&experiment],
-            )
-            .await?
-            .get(0);
-    }
+    // Follow from the newest row there is, whatever the filters showed.
+    let newest: i64 = client
+        .query_one(
+            "SELECT coalesce(max(id), 0) FROM pipeline_logs WHERE experiment_id = $1",
+            &[&experiment],
+        )
+        .await?
+        .get(0);
+    last_id = last_id.max(newest);
     follow(&client, experiment, &args, level, last_id, json_out, color).await
 }
 
@@ -118,10 +118,11 @@ async fn follow(
          AND ($4::text IS NULL OR message ILIKE $4 OR traceback ILIKE $4) \
          AND ($5::text IS NULL OR node_id = $5) ORDER BY id LIMIT 1000"
     );
+    let mut stop = super::StopSignals::new()?;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(Code::Success),
+            _ = stop.recv() => return Ok(Code::Success),
         }
         let rows = client
             .query(

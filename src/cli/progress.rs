@@ -25,6 +25,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let client = ctx.connect().await?;
     let experiment = super::experiment_arg(&client, &args.experiment).await?;
     let color = std::io::stdout().is_terminal();
+    let mut stop = super::StopSignals::new()?;
     loop {
         let rows = crate::db::queries::progress_tree(&client, experiment).await?;
         let text = if rows.is_empty() {
@@ -53,7 +54,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         }
         tokio::select! {
             _ = tokio::time::sleep(args.interval) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(Code::Success),
+            _ = stop.recv() => return Ok(Code::Success),
         }
         if !color {
             println!();

@@ -7,6 +7,7 @@ mod support;
 mod config;
 mod harness;
 mod migrate;
+mod operate;
 mod schema;
 mod shipper;
 mod tls;
