@@ -5,4 +5,5 @@ pub mod activity;
 pub mod lines;
 pub mod metrics;
 pub mod parse;
+pub mod route;
 pub mod rules;

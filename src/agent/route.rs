@@ -1,0 +1,187 @@
+//! Routing: one [`Record`] to the rows it becomes — always a `pipeline_logs` row, plus a
+//! `pipeline_progress` upsert when it carries progress and a `pipeline_events` row when it
+//! carries an event.
+//!
+//! Pure: no I/O, no database types; the sink decides how rows reach PostgreSQL.
+//!
+//! Precedence for `experiment_id` and `node_id`: the record's own value, then the captures of
+//! the daemon's `path_pattern` on the file's path, then the daemon's defaults. A value that is
+//! not a UUID never fills `experiment_id` (it stays in context) and lets the next source fill
+//! it. A progress
+//! update is routed only when an experiment id is known (`pipeline_progress.experiment_id` is
+//! not null); otherwise the log row notes `_pipewatch.progress_skipped`.
+
+use crate::model::{EventRow, LogRow, ProgressRow, Record};
+use chrono::{DateTime, Utc};
+use regex::Regex;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// Where a record was read from, and the daemon's defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceContext<'a> {
+    /// The agent's host name (`host` column).
+    pub host: &'a str,
+    /// The daemon's name (`daemon` column).
+    pub daemon: &'a str,
+    /// The log file's path (`source` column).
+    pub source: &'a str,
+    /// Named captures of the daemon's path_pattern on this file's path.
+    pub path_captures: &'a Map<String, Value>,
+    pub default_experiment_id: Option<Uuid>,
+    pub default_node_id: Option<&'a str>,
+}
+
+/// The rows one record becomes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routed {
+    pub log: LogRow,
+    pub event: Option<EventRow>,
+    pub progress: Option<ProgressRow>,
+}
+
+/// Routes a record. `read_time` is used when the record has no time of its own.
+pub fn route(mut record: Record, src: &SourceContext, read_time: DateTime<Utc>) -> Routed {
+    let ts = record.ts.unwrap_or(read_time);
+    let caps = src.path_captures;
+
+    // A non-UUID value (the record's, kept in its context, or a capture's) does not fill the
+    // column; the next source in precedence order then may.
+    let mut experiment_id = record.experiment_id;
+    if experiment_id.is_none() {
+        if let Some(v) = caps.get("experiment_id") {
+            match v.as_str().map(|s| Uuid::parse_str(s.trim())) {
+                Some(Ok(u)) => experiment_id = Some(u),
+                _ => {
+                    if !record.context.contains_key("experiment_id") {
+                        record.context.insert("experiment_id".into(), v.clone());
+                    }
+                }
+            }
+        }
+    }
+    if experiment_id.is_none() {
+        experiment_id = src.default_experiment_id;
+    }
+    let node_id = record
+        .node_id
+        .take()
+        .or_else(|| caps.get("node_id").map(capture_text))
+        .or_else(|| src.default_node_id.map(str::to_string));
+    let stage = record
+        .stage
+        .take()
+        .or_else(|| caps.get("stage").map(capture_text));
+    for (k, v) in caps {
+        if matches!(k.as_str(), "experiment_id" | "node_id" | "stage") {
+            continue;
+        }
+        if !record.context.contains_key(k) {
+            record.context.insert(k.clone(), v.clone());
+        }
+    }
+
+    let progress = match record.progress.take() {
+        Some(update) => match experiment_id {
+            Some(experiment_id) => Some(ProgressRow {
+                experiment_id,
+                updated_at: ts,
+                update,
+            }),
+            None => {
+                record.note("progress_skipped", "no experiment_id");
+                // Keep what the update said, so that nothing read is lost.
+                record
+                    .context
+                    .entry("progress")
+                    .or_insert_with(|| progress_value(&update));
+                None
+            }
+        },
+        None => None,
+    };
+
+    let event = record.event.take().map(|e| EventRow {
+        ts,
+        experiment_id,
+        node_id: node_id.clone(),
+        event_type: e.event_type,
+        severity: e.severity,
+        message: Some(e.message.unwrap_or_else(|| record.message.clone())),
+        details: Value::Object(e.details),
+        host: src.host.to_string(),
+        daemon: src.daemon.to_string(),
+    });
+
+    let log = LogRow {
+        ts,
+        level: record.level,
+        message: record.message,
+        logger: record.logger,
+        experiment_id,
+        node_id,
+        stage,
+        context: Value::Object(record.context),
+        traceback: record.traceback,
+        metrics: record.metrics,
+        host: src.host.to_string(),
+        daemon: src.daemon.to_string(),
+        source: Some(src.source.to_string()),
+    };
+    Routed {
+        log,
+        event,
+        progress,
+    }
+}
+
+fn capture_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A progress update as the JSON object it was read from.
+fn progress_value(u: &crate::model::ProgressUpdate) -> Value {
+    let mut m = Map::new();
+    m.insert("node_id".into(), Value::String(u.node_id.clone()));
+    let strings = [
+        ("parent_node_id", &u.parent_node_id),
+        ("level", &u.level),
+        ("name", &u.name),
+        ("status", &u.status),
+    ];
+    for (k, v) in strings {
+        if let Some(v) = v {
+            m.insert(k.into(), Value::String(v.clone()));
+        }
+    }
+    if let Some(p) = u.percent.and_then(serde_json::Number::from_f64) {
+        m.insert("percent".into(), Value::Number(p));
+    }
+    if let Some(n) = u.items_done {
+        m.insert("items_done".into(), n.into());
+    }
+    if let Some(n) = u.items_total {
+        m.insert("items_total".into(), n.into());
+    }
+    if let Some(d) = &u.details {
+        m.insert("details".into(), d.clone());
+    }
+    Value::Object(m)
+}
+
+/// The named captures of `pattern` on `path` (experiment_id, node_id, stage, or any other
+/// name); empty when it does not match. Captures that did not participate are left out.
+pub fn path_captures(pattern: &Regex, path: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    if let Some(caps) = pattern.captures(path) {
+        for (i, name) in pattern.capture_names().enumerate() {
+            if let (Some(name), Some(c)) = (name, caps.get(i)) {
+                m.insert(name.to_string(), Value::String(c.as_str().to_string()));
+            }
+        }
+    }
+    m
+}
