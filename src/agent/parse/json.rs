@@ -196,6 +196,7 @@ pub fn record_from_object(map: Map<String, Value>) -> Record {
 
     // Level: loguru's level name, else the first of `level`, `levelname`, `severity` (unless
     // it is the event's), ECS `log.level`, Python's `levelno`.
+    let mut level_found = true;
     if let Some(v) = loguru.level.take() {
         set_level(&mut rec, Some(v), NumericScale::Python);
     } else {
@@ -214,6 +215,8 @@ pub fn record_from_object(map: Map<String, Value>) -> Record {
             set_level(&mut rec, Some(v), NumericScale::Pino);
         } else if let Some(v) = take_if(&mut f, at!("levelno"), |v| !v.is_null()) {
             set_level(&mut rec, Some(v), NumericScale::Python);
+        } else {
+            level_found = false;
         }
     }
 
@@ -332,6 +335,10 @@ pub fn record_from_object(map: Map<String, Value>) -> Record {
                 },
                 None => rec.level,
             };
+            if !level_found {
+                // An event record without a level of its own is logged at the event's severity.
+                rec.level = severity;
+            }
             let details = match f.take_domain(at!("details")) {
                 Some(Value::Object(m)) => m,
                 Some(other) => {

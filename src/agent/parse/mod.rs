@@ -317,3 +317,608 @@ fn kind(v: &Value) -> &'static str {
         Value::Object(_) => "object",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::lines::LineSplitter;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn opts(format: Format, pattern: Option<&str>) -> ParseOptions {
+        ParseOptions {
+            format,
+            text_pattern: pattern.map(|p| Regex::new(p).expect("test pattern compiles")),
+        }
+    }
+
+    /// A record as JSON, leaving out empty fields, for exact comparisons.
+    fn render(r: &Record) -> Value {
+        let mut m = Map::new();
+        if let Some(t) = r.ts {
+            m.insert(
+                "ts".into(),
+                t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                    .into(),
+            );
+        }
+        m.insert("level".into(), r.level.as_str().into());
+        m.insert("message".into(), r.message.clone().into());
+        let opt = [
+            ("logger", r.logger.clone()),
+            ("experiment_id", r.experiment_id.map(|u| u.to_string())),
+            ("node_id", r.node_id.clone()),
+            ("stage", r.stage.clone()),
+            ("traceback", r.traceback.clone()),
+        ];
+        for (k, v) in opt {
+            if let Some(v) = v {
+                m.insert(k.into(), v.into());
+            }
+        }
+        if !r.context.is_empty() {
+            m.insert("context".into(), Value::Object(r.context.clone()));
+        }
+        if let Some(x) = &r.metrics {
+            m.insert("metrics".into(), x.clone());
+        }
+        if let Some(p) = &r.progress {
+            m.insert("progress".into(), format!("{p:?}").into());
+        }
+        if let Some(e) = &r.event {
+            m.insert(
+                "event".into(),
+                json!([e.event_type, e.severity.as_str(), e.message, e.details]),
+            );
+        }
+        Value::Object(m)
+    }
+
+    /// Feeds `input` through a splitter and a parser, flushes, and compares every record
+    /// (rendered) and its offset with `expected`.
+    fn check(o: &ParseOptions, input: &[u8], expected: Value) {
+        let mut s = LineSplitter::new(0, 100);
+        let mut lines = Vec::new();
+        s.push(input, &mut lines);
+        let mut p = Parser::new(o.clone());
+        let mut out = Vec::new();
+        for l in lines {
+            p.push(l, &mut out);
+        }
+        p.flush(&mut out);
+        assert!(!p.holding());
+        let got: Vec<Value> = out.iter().map(|(r, end)| json!([render(r), end])).collect();
+        assert_eq!(
+            Value::Array(got),
+            expected,
+            "input {:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+
+    /// One JSON line in auto mode → the rendered record.
+    fn check1(line: &str, expected: Value) {
+        let o = opts(Format::Auto, None);
+        let got = parse_line(line.as_bytes(), &o).map(|r| render(&r));
+        assert_eq!(got, Some(expected), "line {line}");
+    }
+
+    const EXP: &str = "6f1c2a4e-0000-4000-8000-000000000001";
+
+    #[test]
+    fn known_formats() {
+        // structlog
+        check1(
+            r#"{"event": "tile done", "level": "warning", "timestamp": "2024-05-01T12:00:00.5Z", "logger": "geo", "tile": 7}"#,
+            json!({"ts": "2024-05-01T12:00:00.500Z", "level": "WARNING", "message": "tile done", "logger": "geo", "context": {"tile": 7}}),
+        );
+        // python-json-logger
+        check1(
+            r#"{"asctime": "2024-05-01 12:00:00,123", "levelname": "ERROR", "name": "geo.io", "message": "boom", "exc_info": "Traceback (most recent call last):\n  x\nValueError: v"}"#,
+            json!({"ts": "2024-05-01T12:00:00.123Z", "level": "ERROR", "message": "boom", "logger": "geo.io", "traceback": "Traceback (most recent call last):\n  x\nValueError: v"}),
+        );
+        // loguru serialize=True
+        check1(
+            &json!({"text": "12:00 | ERROR | oops\nTraceback (most recent call last):\n  f\nKeyError: 'k'\n",
+                    "record": {"elapsed": {"repr": "0:00:01", "seconds": 1.0},
+                               "exception": {"type": "KeyError", "value": "'k'", "traceback": true},
+                               "extra": {"experiment_id": EXP, "node_id": "n1", "run": 3},
+                               "function": "main", "level": {"icon": "x", "name": "ERROR", "no": 40},
+                               "line": 9, "message": "oops", "name": "__main__",
+                               "time": {"repr": "2024-05-01 12:00:00.000000+00:00", "timestamp": 1714564800.25}}})
+            .to_string(),
+            json!({"ts": "2024-05-01T12:00:00.250Z", "level": "ERROR", "message": "oops", "logger": "__main__",
+                   "experiment_id": EXP, "node_id": "n1",
+                   "traceback": "Traceback (most recent call last):\n  f\nKeyError: 'k'",
+                   "context": {"text": "12:00 | ERROR | oops\nTraceback (most recent call last):\n  f\nKeyError: 'k'\n",
+                               "record": {"elapsed": {"repr": "0:00:01", "seconds": 1.0}, "function": "main", "line": 9},
+                               "run": 3}}),
+        );
+        // ECS, nested and dotted
+        check1(
+            r#"{"@timestamp": "2024-05-01T12:00:00.000Z", "log.level": "warn", "message": "m", "log": {"logger": "app", "origin": {"file": "a.py"}}, "error": {"type": "E", "stack_trace": "st"}}"#,
+            json!({"ts": "2024-05-01T12:00:00Z", "level": "WARNING", "message": "m", "logger": "app", "traceback": "st",
+                   "context": {"log": {"origin": {"file": "a.py"}}, "error": {"type": "E"}}}),
+        );
+        check1(
+            r#"{"@timestamp": "2024-05-01T12:00:00Z", "log": {"level": "error", "logger": "x"}, "message": "m"}"#,
+            json!({"ts": "2024-05-01T12:00:00Z", "level": "ERROR", "message": "m", "logger": "x"}),
+        );
+        // pino / bunyan
+        check1(
+            r#"{"level": 50, "time": 1714564800123, "pid": 1, "hostname": "h", "name": "svc", "msg": "bad", "err": {"type": "Error", "message": "bad", "stack": "Error: bad\n    at f"}, "v": 0}"#,
+            json!({"ts": "2024-05-01T12:00:00.123Z", "level": "ERROR", "message": "bad", "logger": "svc", "traceback": "Error: bad\n    at f",
+                   "context": {"pid": 1, "hostname": "h", "v": 0, "err": {"type": "Error", "message": "bad"}}}),
+        );
+        check1(
+            r#"{"level": 30, "msg": "x"}"#,
+            json!({"level": "INFO", "message": "x"}),
+        );
+        check1(
+            r#"{"level": "60", "msg": "x"}"#,
+            json!({"level": "CRITICAL", "message": "x"}),
+        );
+        check1(
+            r#"{"levelno": 30, "msg": "x"}"#,
+            json!({"level": "WARNING", "message": "x"}),
+        );
+        check1(
+            r#"{"severity": "fatal", "msg": "x"}"#,
+            json!({"level": "CRITICAL", "message": "x"}),
+        );
+        check1(
+            r#"{"level": "loud", "msg": "x"}"#,
+            json!({"level": "INFO", "message": "x", "context": {"_pipewatch": {"level_raw": "loud"}}}),
+        );
+        // A non-string message is kept as JSON text; no message at all is empty.
+        check1(r#"{"msg": 42}"#, json!({"level": "INFO", "message": "42"}));
+        check1(
+            r#"{"a": 1}"#,
+            json!({"level": "INFO", "message": "", "context": {"a": 1}}),
+        );
+        // The record's own `_pipewatch` is set aside, not mixed with the agent's notes.
+        check1(
+            r#"{"msg": "x", "_pipewatch": 1}"#,
+            json!({"level": "INFO", "message": "x", "context": {"_pipewatch_original": 1}}),
+        );
+    }
+
+    #[test]
+    fn domain_fields() {
+        // Top level, then `context`, then `extra`; consumed keys leave context.
+        check1(
+            &format!(
+                r#"{{"msg": "m", "stage": "s0", "context": {{"experiment_id": "{EXP}", "node_id": "n", "stage": "s1", "k": 1}}, "extra": {{"node_id": "n2", "j": 2}}}}"#
+            ),
+            json!({"level": "INFO", "message": "m", "experiment_id": EXP, "node_id": "n", "stage": "s0",
+                   "context": {"k": 1, "stage": "s1", "node_id": "n2", "j": 2}}),
+        );
+        // A non-UUID experiment id stays in context.
+        check1(
+            r#"{"msg": "m", "experiment_id": "exp-7", "node_id": 12}"#,
+            json!({"level": "INFO", "message": "m", "node_id": "12", "context": {"experiment_id": "exp-7"}}),
+        );
+        check1(
+            r#"{"msg": "m", "metrics": {"rows": 5}}"#,
+            json!({"level": "INFO", "message": "m", "metrics": {"rows": 5}}),
+        );
+        check1(
+            r#"{"msg": "m", "metrics": 5}"#,
+            json!({"level": "INFO", "message": "m", "context": {"metrics": 5}}),
+        );
+        // Events: severity belongs to the event; default is the record's level.
+        check1(
+            r#"{"msg": "oom", "level": "error", "event_type": "out_of_memory", "severity": "critical", "details": {"rss": 1}}"#,
+            json!({"level": "ERROR", "message": "oom", "event": ["out_of_memory", "CRITICAL", null, {"rss": 1}]}),
+        );
+        check1(
+            r#"{"msg": "x", "event_type": "e", "severity": "warn"}"#,
+            json!({"level": "WARNING", "message": "x", "event": ["e", "WARNING", null, {}]}),
+        );
+        check1(
+            r#"{"msg": "x", "level": "warning", "extra": {"event_type": "e"}}"#,
+            json!({"level": "WARNING", "message": "x", "event": ["e", "WARNING", null, {}]}),
+        );
+        check1(
+            r#"{"msg": "x", "event_type": 5}"#,
+            json!({"level": "INFO", "message": "x", "context": {"event_type": 5}}),
+        );
+    }
+
+    #[test]
+    fn progress_objects() {
+        let p = |line: &str| {
+            let r = parse_line(line.as_bytes(), &opts(Format::Json, None)).expect("a record");
+            (r.progress, Value::Object(r.context))
+        };
+        let (u, ctx) = p(
+            r#"{"msg": "x", "progress": {"node_id": "tiles", "parent_node_id": "c", "level": "Step", "name": "T", "status": "In_Progress", "items_done": 5, "items_total": 20, "eta": 3}}"#,
+        );
+        let u = u.expect("progress");
+        assert_eq!(
+            (
+                u.node_id.as_str(),
+                u.parent_node_id.as_deref(),
+                u.level.as_deref(),
+                u.status.as_deref()
+            ),
+            ("tiles", Some("c"), Some("step"), Some("running"))
+        );
+        assert_eq!(
+            (u.percent, u.items_done, u.items_total),
+            (Some(25.0), Some(5), Some(20))
+        );
+        assert_eq!(u.details, Some(json!({"eta": 3})));
+        assert_eq!(ctx, json!({}));
+
+        let (u, _) = p(r#"{"progress": {"node_id": "a", "percent": 140}}"#);
+        assert_eq!(u.and_then(|u| u.percent), Some(100.0));
+        let (u, _) = p(r#"{"progress": {"node_id": "a", "percent": "-3"}}"#);
+        assert_eq!(u.and_then(|u| u.percent), Some(0.0));
+
+        let (u, ctx) = p(r#"{"progress": {"node_id": "a", "status": "weird"}}"#);
+        assert_eq!(u.map(|u| u.status), Some(None));
+        assert_eq!(
+            ctx,
+            json!({"_pipewatch": {"progress_error": "unknown progress status \"weird\""}})
+        );
+        let (u, ctx) = p(r#"{"progress": {"percent": 5}}"#);
+        assert_eq!(u, None);
+        assert_eq!(
+            ctx,
+            json!({"progress": {"percent": 5}, "_pipewatch": {"progress_error": "progress has no node_id"}})
+        );
+        let (u, ctx) = p(r#"{"progress": 0.5}"#);
+        assert_eq!(u, None);
+        assert_eq!(
+            ctx,
+            json!({"progress": 0.5, "_pipewatch": {"progress_error": "progress is not an object"}})
+        );
+    }
+
+    #[test]
+    fn bad_input_corpus() {
+        let auto = opts(Format::Auto, None);
+        let json_only = opts(Format::Json, None);
+        let deep = format!(
+            "{}{}",
+            "{\"a\":".repeat(200),
+            "1".to_string() + &"}".repeat(200)
+        );
+        let cases: Vec<(&ParseOptions, Vec<u8>, Value)> = vec![
+            (
+                &auto,
+                b"{\"a\": ".to_vec(),
+                json!({"level": "INFO", "message": "{\"a\": ",
+                "context": {"_pipewatch": {"parse_error": "invalid JSON: EOF while parsing a value at line 1 column 6"}}}),
+            ),
+            (
+                &auto,
+                b"[1, 2]".to_vec(),
+                json!({"level": "INFO", "message": "[1, 2]",
+                "context": {"_pipewatch": {"parse_error": "JSON array is not an object"}}}),
+            ),
+            (
+                &json_only,
+                b"\"s\"".to_vec(),
+                json!({"level": "INFO", "message": "\"s\"",
+                "context": {"_pipewatch": {"parse_error": "JSON string is not an object"}}}),
+            ),
+            (
+                &auto,
+                b"plain words".to_vec(),
+                json!({"level": "INFO", "message": "plain words",
+                "context": {"_pipewatch": {"parse_error": "not JSON"}}}),
+            ),
+            (
+                &auto,
+                b"{\"msg\": \"a\0b\"}".to_vec(),
+                json!({"level": "INFO", "message": "ab",
+                "context": {"_pipewatch": {"nul_removed": true}}}),
+            ),
+            (
+                &auto,
+                br#"{"msg": "a\u0000b", "k\u0000": ["\u0000"]}"#.to_vec(),
+                json!({"level": "INFO", "message": "ab",
+                "context": {"k": [""], "_pipewatch": {"nul_removed": true}}}),
+            ),
+            // An escaped backslash before "u0000" is no NUL: nothing to note.
+            (
+                &auto,
+                br#"{"msg": "a\\u0000b"}"#.to_vec(),
+                json!({"level": "INFO", "message": "a\\u0000b"}),
+            ),
+            (
+                &auto,
+                b"{\"msg\": \"caf\xe9\"}".to_vec(),
+                json!({"level": "INFO", "message": "caf\u{fffd}",
+                "context": {"_pipewatch": {"invalid_utf8": true}}}),
+            ),
+            (
+                &auto,
+                b"\xff\0".to_vec(),
+                json!({"level": "INFO", "message": "\u{fffd}",
+                "context": {"_pipewatch": {"parse_error": "not JSON", "nul_removed": true, "invalid_utf8": true}}}),
+            ),
+            (
+                &auto,
+                deep.clone().into_bytes(),
+                json!({"level": "INFO", "message": deep,
+                "context": {"_pipewatch": {"parse_error": "invalid JSON: recursion limit exceeded at line 1 column 636"}}}),
+            ),
+            (
+                &auto,
+                br#"{"msg": "n", "big": 123456789012345678901234567890}"#.to_vec(),
+                json!({"level": "INFO", "message": "n",
+                "context": {"big": 1.2345678901234568e29}}),
+            ),
+            (
+                &auto,
+                br#"{"msg": "n", "big": 1e400}"#.to_vec(),
+                json!({"level": "INFO", "message": r#"{"msg": "n", "big": 1e400}"#,
+                "context": {"_pipewatch": {"parse_error": "invalid JSON: number out of range at line 1 column 25"}}}),
+            ),
+            (
+                &auto,
+                br#"{"msg": "t", "time": "tomorrow"}"#.to_vec(),
+                json!({"level": "INFO", "message": "t",
+                "context": {"_pipewatch": {"ts_error": "cannot read `time` as a time"}, "time": "tomorrow"}}),
+            ),
+            (
+                &auto,
+                br#"{"msg": "t", "ts": 1e15, "timestamp": null}"#.to_vec(),
+                json!({"ts": "2001-09-09T01:46:40Z", "level": "INFO", "message": "t",
+                "context": {"timestamp": null}}),
+            ),
+            (
+                &auto,
+                br#"{"msg": "t", "timestamp": "10000-01-01T00:00:00Z"}"#.to_vec(),
+                json!({"level": "INFO", "message": "t",
+                "context": {"_pipewatch": {"ts_error": "cannot read `timestamp` as a time"}, "timestamp": "10000-01-01T00:00:00Z"}}),
+            ),
+            (
+                &auto,
+                br#"{"msg": "t", "time": -99999999999999}"#.to_vec(),
+                json!({"level": "INFO", "message": "t",
+                "context": {"_pipewatch": {"ts_error": "cannot read `time` as a time"}, "time": -99999999999999i64}}),
+            ),
+        ];
+        for (o, line, expected) in cases {
+            let got = parse_line(&line, o).map(|r| render(&r));
+            assert_eq!(
+                got,
+                Some(expected),
+                "line {:?}",
+                String::from_utf8_lossy(&line)
+            );
+        }
+        assert_eq!(parse_line(b"", &auto), None);
+        assert_eq!(parse_line(b" \t\r", &auto), None);
+    }
+
+    #[test]
+    fn truncated_lines() {
+        // The splitter in `check` keeps 100 bytes; a cut inside 'é' drops the partial char.
+        let long = format!("{{\"msg\": \"{}é{}\"}}\n", "x".repeat(90), "y".repeat(30));
+        let kept = format!("{{\"msg\": \"{}", "x".repeat(90));
+        check(
+            &opts(Format::Auto, None),
+            long.as_bytes(),
+            json!([[{"level": "INFO", "message": kept, "context": {"_pipewatch": {"truncated_from_bytes": 133}}}, 134]]),
+        );
+        let text = format!("{}\n", "z".repeat(110));
+        check(
+            &opts(Format::Text, None),
+            text.as_bytes(),
+            json!([[{"level": "INFO", "message": "z".repeat(100), "context": {"_pipewatch": {"truncated_from_bytes": 110}}}, 111]]),
+        );
+    }
+
+    const PAT: &str = r"^(?P<ts>\S+ \S+) (?P<level>[A-Z]+) (?P<logger>\S+): (?P<message>.*)$";
+
+    #[test]
+    fn text_with_pattern_joins_tracebacks() {
+        let input = b"2024-05-01 12:00:00,000 INFO a: start\n\
+2024-05-01 12:00:01,000 ERROR a: failed\n\
+Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    f()\nValueError: bad\n\
+\n\
+During handling of the above exception, another exception occurred:\n\
+\n\
+Traceback (most recent call last):\n  File \"y.py\", line 2\nKeyError: 'k'\n\
+\n\
+2024-05-01 12:00:02,000 WARN b: after\nmore words\n";
+        let tb = "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    f()\nValueError: bad\n\nDuring handling of the above exception, another exception occurred:\n\nTraceback (most recent call last):\n  File \"y.py\", line 2\nKeyError: 'k'";
+        check(
+            &opts(Format::Text, Some(PAT)),
+            input,
+            json!([
+                [{"ts": "2024-05-01T12:00:00Z", "level": "INFO", "message": "start", "logger": "a"}, 38],
+                [{"ts": "2024-05-01T12:00:01Z", "level": "ERROR", "message": "failed", "logger": "a", "traceback": tb}, 313],
+                [{"ts": "2024-05-01T12:00:02Z", "level": "WARNING", "message": "after\nmore words", "logger": "b"}, 363],
+            ]),
+        );
+    }
+
+    #[test]
+    fn auto_with_pattern_mixes_json_and_text() {
+        let input = b"junk first\n{\"msg\": \"j\"}\n2024-05-01 12:00:00,000 INFO a: t\n  indented\n{\"msg\": \"k\"}\n";
+        check(
+            &opts(Format::Auto, Some(PAT)),
+            input,
+            json!([
+                [{"level": "INFO", "message": "junk first", "context": {"_pipewatch": {"parse_error": "not JSON and does not match text_pattern"}}}, 11],
+                [{"level": "INFO", "message": "j"}, 24],
+                [{"ts": "2024-05-01T12:00:00Z", "level": "INFO", "message": "t\n  indented", "logger": "a"}, 69],
+                [{"level": "INFO", "message": "k"}, 82],
+            ]),
+        );
+    }
+
+    #[test]
+    fn text_without_pattern() {
+        let input =
+            b"hello\nTraceback (most recent call last):\n  File \"x\"\nOSError: no\nnext line\n";
+        check(
+            &opts(Format::Text, None),
+            input,
+            json!([
+                [{"level": "INFO", "message": "hello",
+                  "traceback": "Traceback (most recent call last):\n  File \"x\"\nOSError: no"}, 64],
+                [{"level": "INFO", "message": "next line"}, 74],
+            ]),
+        );
+        // A traceback with nothing before it: its last line is the message.
+        check(
+            &opts(Format::Text, None),
+            b"Traceback (most recent call last):\n  f\nE: x\n",
+            json!([[{"level": "INFO", "message": "E: x", "traceback": "Traceback (most recent call last):\n  f\nE: x"}, 44]]),
+        );
+    }
+
+    #[test]
+    fn holding_and_offsets() {
+        let mut p = Parser::new(opts(Format::Text, Some(PAT)));
+        let mut out = Vec::new();
+        let mut s = LineSplitter::new(100, 1024);
+        let mut lines = Vec::new();
+        s.push(
+            b"2024-05-01 12:00:00,000 INFO a: one\n  two\n\n",
+            &mut lines,
+        );
+        for l in lines.drain(..) {
+            p.push(l, &mut out);
+        }
+        assert!(out.is_empty());
+        assert!(p.holding());
+        p.flush(&mut out);
+        assert!(!p.holding());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].1, 100 + 42);
+        assert_eq!(out[0].0.message, "one\n  two");
+    }
+
+    #[test]
+    fn held_records_are_bounded() {
+        let mut p = Parser::new(opts(Format::Text, Some(PAT)));
+        let mut out = Vec::new();
+        let mut end = 0;
+        let mut push = |p: &mut Parser, out: &mut Vec<(Record, u64)>, s: &str| {
+            end += s.len() as u64 + 1;
+            p.push(
+                Line {
+                    bytes: s.as_bytes().to_vec(),
+                    start: 0,
+                    end,
+                    truncated_from: None,
+                },
+                out,
+            );
+        };
+        push(&mut p, &mut out, "2024-05-01 12:00:00,000 INFO a: one");
+        for _ in 0..MAX_HELD_LINES + 5 {
+            push(&mut p, &mut out, "  cont");
+        }
+        p.flush(&mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].0.message.lines().count(), MAX_HELD_LINES);
+        assert_eq!(out[1].0.message.lines().count(), 6);
+    }
+
+    fn has_nul(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(a) => a.iter().any(has_nul),
+            Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+
+    /// A line reader for the property test: blank → None, else one record per line in json
+    /// and auto modes.
+    fn arb_bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just(b'\n'),
+                Just(b'{'),
+                Just(b'}'),
+                Just(b'"'),
+                Just(b' '),
+                Just(b'\\'),
+                Just(0u8),
+                any::<u8>()
+            ],
+            0..300,
+        )
+    }
+
+    proptest! {
+        /// Any bytes in JSON/auto mode: no panic, one record per complete non-blank line,
+        /// in order, with its end offset, and no NUL in any text.
+        #[test]
+        fn every_nonblank_line_is_one_record(data in arb_bytes(), max in 1usize..40) {
+            let mut s = LineSplitter::new(0, max);
+            let mut lines = Vec::new();
+            s.push(&data, &mut lines);
+            let expected: Vec<u64> = lines
+                .iter()
+                .filter(|l| !is_blank(&l.bytes))
+                .map(|l| l.end)
+                .collect();
+            let mut p = Parser::new(opts(Format::Auto, None));
+            let mut out = Vec::new();
+            for l in lines {
+                p.push(l, &mut out);
+            }
+            prop_assert!(!p.holding());
+            let ends: Vec<u64> = out.iter().map(|(_, e)| *e).collect();
+            prop_assert_eq!(ends, expected);
+            for (r, _) in &out {
+                prop_assert!(!has_nul(&render(r)));
+            }
+        }
+
+        /// Any text in text mode: no panic, records in offset order, and every non-blank
+        /// line's content is found in exactly one record (nothing dropped).
+        #[test]
+        fn text_mode_drops_nothing(data in proptest::collection::vec(
+            prop_oneof![Just("2024-05-01 12:00:00,000 INFO a: m"), Just("  at x"),
+                        Just("Traceback (most recent call last):"), Just("E: y"), Just(""),
+                        Just("During handling of the above exception, another exception occurred:")],
+            0..30)) {
+            let mut p = Parser::new(opts(Format::Text, Some(PAT)));
+            let mut out = Vec::new();
+            let mut end = 0;
+            for l in &data {
+                end += l.len() as u64 + 1;
+                p.push(Line { bytes: l.as_bytes().to_vec(), start: 0, end, truncated_from: None }, &mut out);
+            }
+            p.flush(&mut out);
+            // Nothing dropped: each distinct input line appears in the records' messages and
+            // tracebacks at least as often as it was written.
+            let mut written: std::collections::HashMap<&str, usize> = Default::default();
+            for l in data.iter().filter(|l| !l.is_empty()) {
+                *written.entry(l).or_default() += 1;
+            }
+            let mut shipped: std::collections::HashMap<String, usize> = Default::default();
+            for (r, _) in &out {
+                let texts = std::iter::once(r.message.as_str()).chain(r.traceback.as_deref());
+                for line in texts.flat_map(str::lines) {
+                    *shipped.entry(line.to_string()).or_default() += 1;
+                }
+                // A matched line's message is only its `message` capture.
+                if r.logger.is_some() {
+                    *shipped.entry("2024-05-01 12:00:00,000 INFO a: m".to_string()).or_default() += 1;
+                }
+            }
+            for (line, n) in written {
+                prop_assert!(shipped.get(line).copied().unwrap_or(0) >= n, "line {:?} lost", line);
+            }
+            prop_assert!(out.len() <= data.len());
+            let ends: Vec<u64> = out.iter().map(|(_, e)| *e).collect();
+            let mut sorted = ends.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            prop_assert_eq!(ends, sorted);
+        }
+    }
+}
