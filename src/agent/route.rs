@@ -185,3 +185,225 @@ pub fn path_captures(pattern: &Regex, path: &str) -> Map<String, Value> {
     }
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EventSpec, Level, ProgressUpdate};
+    use serde_json::json;
+
+    const EXP_REC: &str = "00000000-0000-4000-8000-00000000000a";
+    const EXP_PATH: &str = "00000000-0000-4000-8000-00000000000b";
+    const EXP_DEF: &str = "00000000-0000-4000-8000-00000000000c";
+
+    fn uuid(s: &str) -> Uuid {
+        Uuid::parse_str(s).expect("test uuid")
+    }
+
+    fn read_time() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_714_564_800, 0).expect("valid time")
+    }
+
+    /// Routes `rec` with the given path captures and defaults, and compares the routed
+    /// log row's (experiment, node, stage, context) and whether progress/event rows exist.
+    fn check(
+        rec: Record,
+        caps: Value,
+        default_exp: Option<&str>,
+        expected: (Option<&str>, Option<&str>, Option<&str>, Value, bool, bool),
+    ) -> Routed {
+        let caps = match caps {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        let src = SourceContext {
+            host: "h1",
+            daemon: "d1",
+            source: "/var/log/x.jsonl",
+            path_captures: &caps,
+            default_experiment_id: default_exp.map(uuid),
+            default_node_id: Some("default-node"),
+        };
+        let r = route(rec, &src, read_time());
+        let got = (
+            r.log.experiment_id,
+            r.log.node_id.clone(),
+            r.log.stage.clone(),
+            r.log.context.clone(),
+            r.progress.is_some(),
+            r.event.is_some(),
+        );
+        let want = (
+            expected.0.map(uuid),
+            expected.1.map(str::to_string),
+            expected.2.map(str::to_string),
+            expected.3,
+            expected.4,
+            expected.5,
+        );
+        assert_eq!(got, want);
+        assert_eq!((r.log.host.as_str(), r.log.daemon.as_str()), ("h1", "d1"));
+        assert_eq!(r.log.source.as_deref(), Some("/var/log/x.jsonl"));
+        r
+    }
+
+    #[test]
+    fn precedence() {
+        let mut rec = Record::new("m");
+        rec.experiment_id = Some(uuid(EXP_REC));
+        rec.node_id = Some("rec-node".into());
+        check(
+            rec,
+            json!({"experiment_id": EXP_PATH, "node_id": "path-node", "stage": "st", "shard": "7"}),
+            Some(EXP_DEF),
+            (
+                Some(EXP_REC),
+                Some("rec-node"),
+                Some("st"),
+                json!({"shard": "7"}),
+                false,
+                false,
+            ),
+        );
+        check(
+            Record::new("m"),
+            json!({"experiment_id": EXP_PATH, "node_id": "path-node"}),
+            Some(EXP_DEF),
+            (
+                Some(EXP_PATH),
+                Some("path-node"),
+                None,
+                json!({}),
+                false,
+                false,
+            ),
+        );
+        check(
+            Record::new("m"),
+            json!({}),
+            Some(EXP_DEF),
+            (
+                Some(EXP_DEF),
+                Some("default-node"),
+                None,
+                json!({}),
+                false,
+                false,
+            ),
+        );
+        // A non-UUID capture goes to context and lets the default fill the column.
+        check(
+            Record::new("m"),
+            json!({"experiment_id": "run-7"}),
+            Some(EXP_DEF),
+            (
+                Some(EXP_DEF),
+                Some("default-node"),
+                None,
+                json!({"experiment_id": "run-7"}),
+                false,
+                false,
+            ),
+        );
+        // The record's own context keys win over captures of the same name.
+        let mut rec = Record::new("m");
+        rec.context.insert("shard".into(), json!(1));
+        check(
+            rec,
+            json!({"shard": "7"}),
+            None,
+            (
+                None,
+                Some("default-node"),
+                None,
+                json!({"shard": 1}),
+                false,
+                false,
+            ),
+        );
+    }
+
+    #[test]
+    fn progress_and_events() {
+        let mut rec = Record::new("tile 5/20");
+        rec.level = Level::Warning;
+        rec.ts = DateTime::from_timestamp(1_700_000_000, 0);
+        rec.progress = Some(ProgressUpdate {
+            node_id: "tiles".into(),
+            items_done: Some(5),
+            ..ProgressUpdate::default()
+        });
+        rec.event = Some(EventSpec {
+            event_type: "slow".into(),
+            severity: Level::Warning,
+            message: None,
+            details: Map::new(),
+        });
+        let r = check(
+            rec.clone(),
+            json!({}),
+            Some(EXP_DEF),
+            (
+                Some(EXP_DEF),
+                Some("default-node"),
+                None,
+                json!({}),
+                true,
+                true,
+            ),
+        );
+        let p = r.progress.expect("progress row");
+        assert_eq!(
+            (p.experiment_id, p.updated_at),
+            (uuid(EXP_DEF), rec.ts.expect("ts"))
+        );
+        let e = r.event.expect("event row");
+        assert_eq!(e.message.as_deref(), Some("tile 5/20"));
+        assert_eq!((e.severity, e.ts), (Level::Warning, rec.ts.expect("ts")));
+        assert_eq!(e.node_id.as_deref(), Some("default-node"));
+        assert_eq!(e.details, json!({}));
+        assert_eq!(r.log.ts, rec.ts.expect("ts"));
+
+        // Without any experiment id the update is kept in context, not routed.
+        let mut rec = Record::new("m");
+        rec.progress = Some(ProgressUpdate {
+            node_id: "tiles".into(),
+            percent: Some(50.0),
+            ..ProgressUpdate::default()
+        });
+        let r = check(
+            rec,
+            json!({}),
+            None,
+            (
+                None,
+                Some("default-node"),
+                None,
+                json!({"_pipewatch": {"progress_skipped": "no experiment_id"},
+                       "progress": {"node_id": "tiles", "percent": 50.0}}),
+                false,
+                false,
+            ),
+        );
+        assert_eq!(r.log.ts, read_time());
+    }
+
+    #[test]
+    fn captures_of_a_path() {
+        let re = Regex::new(
+            r"/(?P<experiment_id>[0-9a-f-]{36})/(?P<node_id>[^/]+?)(?:-(?P<part>\d+))?\.jsonl$",
+        )
+        .expect("test pattern");
+        let m = path_captures(&re, &format!("/logs/{EXP_PATH}/tiles.jsonl"));
+        assert_eq!(
+            Value::Object(m),
+            json!({"experiment_id": EXP_PATH, "node_id": "tiles"})
+        );
+        let m = path_captures(&re, &format!("/logs/{EXP_PATH}/tiles-3.jsonl"));
+        assert_eq!(
+            Value::Object(m),
+            json!({"experiment_id": EXP_PATH, "node_id": "tiles", "part": "3"})
+        );
+        assert!(path_captures(&re, "/elsewhere.log").is_empty());
+    }
+}
