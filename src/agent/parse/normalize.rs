@@ -183,7 +183,7 @@ fn in_range(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
 
 /// The unit of an epoch number, told apart by magnitude: below 1e11 seconds (year 5138),
 /// below 1e14 milliseconds, below 1e17 microseconds, else nanoseconds. Returns units per second.
-fn epoch_unit(abs: f64) -> i64 {
+pub fn epoch_unit(abs: f64) -> i64 {
     if abs < 1e11 {
         1
     } else if abs < 1e14 {
