@@ -714,6 +714,31 @@ mod tests {
         );
     }
 
+    #[test]
+    fn five_mib_json_line_is_shipped_truncated() {
+        let mut s = LineSplitter::new(0, 1024 * 1024);
+        let mut p = Parser::new(opts(Format::Json, None));
+        let (mut lines, mut out) = (Vec::new(), Vec::new());
+        s.push(b"{\"msg\": \"", &mut lines);
+        let chunk = vec![b'a'; 1024 * 1024];
+        for _ in 0..5 {
+            s.push(&chunk, &mut lines);
+        }
+        s.push(b"\"}\n{\"msg\": \"next\"}\n", &mut lines);
+        for l in lines {
+            p.push(l, &mut out);
+        }
+        assert_eq!(out.len(), 2);
+        let (big, end) = &out[0];
+        assert_eq!(big.message.len(), 1024 * 1024);
+        assert_eq!(*end, 5 * 1024 * 1024 + 12);
+        assert_eq!(
+            Value::Object(big.context.clone()),
+            json!({"_pipewatch": {"truncated_from_bytes": 5 * 1024 * 1024 + 11}})
+        );
+        assert_eq!(out[1].0.message, "next");
+    }
+
     const PAT: &str = r"^(?P<ts>\S+ \S+) (?P<level>[A-Z]+) (?P<logger>\S+): (?P<message>.*)$";
 
     #[test]
