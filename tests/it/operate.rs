@@ -267,7 +267,7 @@ fn hostile_text_is_stored_intact_never_executed() {
         .split('\n')
         .map(str::to_string)
         .collect();
-    assert_eq!(got.len(), nasty.len() + 0, "{got:?}");
+    assert_eq!(got.len(), nasty.len(), "{got:?}");
     for (g, want) in got.iter().zip(nasty.iter()) {
         assert_eq!(g, want);
     }
