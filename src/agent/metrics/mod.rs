@@ -114,7 +114,8 @@ impl Watcher {
             },
             activity,
         };
-        let table = w.refresh_table(true);
+        let any_discovery = w.daemons.iter().any(|d| has_discovery(&d.cfg));
+        let table = w.refresh_table(any_discovery);
         let uptime = sampler::uptime_now();
         for i in 0..w.daemons.len() {
             if has_discovery(&w.daemons[i].cfg) {

@@ -8,7 +8,7 @@
 use regex::Regex;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use sysinfo::{Pid, ProcessRefreshKind, System, UpdateKind};
+use sysinfo::{ProcessRefreshKind, System, UpdateKind};
 
 /// Pids whose command line matches `re` (threads and this agent itself excluded).
 ///
@@ -186,11 +186,6 @@ impl ProcessTable {
         out.sort_unstable();
         out
     }
-}
-
-/// Looks a pid up in sysinfo terms; a helper for callers holding a raw `u32`.
-pub fn sys_pid(pid: u32) -> Pid {
-    Pid::from_u32(pid)
 }
 
 #[cfg(test)]
