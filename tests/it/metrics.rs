@@ -409,3 +409,56 @@ fn prometheus_serves_metrics_on_a_real_socket() {
     token.cancel();
     rt.block_on(server).unwrap().unwrap();
 }
+
+#[test]
+fn a_progress_node_that_stops_advancing_while_logs_keep_coming() {
+    let exp = uuid::Uuid::parse_str("6f1c2a4e-0000-4000-8000-0000000000bb").unwrap();
+    let act = activity::shared();
+    let now = chrono::Utc::now();
+    act.lock().unwrap().daemons.insert(
+        "looper".into(),
+        DaemonActivity {
+            records_read: 100,
+            last_read_at: Some(now),
+            last_message: Some("retrying tile 17".into()),
+            progress: Some(activity::ProgressActivity {
+                experiment_id: Some(exp),
+                node_id: "tiles".into(),
+                status: Some("running".into()),
+                percent: Some(42.0),
+                items_done: Some(420),
+                advanced_at: now - chrono::Duration::seconds(30),
+            }),
+            ..DaemonActivity::default()
+        },
+    );
+    let cfg = daemon(
+        "looper",
+        "logs = [\"/tmp/z/*.jsonl\"]\nmetrics_interval = \"250ms\"\nstall_after = \"10s\"",
+    );
+    let mut w = Watcher::new("h".into(), vec![cfg], act.clone());
+    let t = w.tick(Instant::now());
+    let stalled = events_of(&t, "progress_stalled");
+    assert_eq!(stalled.len(), 1, "{:?}", t.events);
+    assert_eq!(stalled[0].severity, Level::Warning);
+    assert_eq!(stalled[0].experiment_id, Some(exp));
+    assert_eq!(stalled[0].node_id.as_deref(), Some("tiles"));
+    assert_eq!(stalled[0].details["percent"], 42.0);
+    assert_eq!(stalled[0].details["items_done"], 420);
+    // Host-level daemons never get a daemon stall.
+    assert!(events_of(&t, "daemon_stalled").is_empty());
+    let t = tick_when_due(&mut w);
+    assert!(t.events.is_empty(), "one event per episode: {:?}", t.events);
+    {
+        let mut a = act.lock().unwrap();
+        let d = a.daemons.get_mut("looper").unwrap();
+        let p = d.progress.as_mut().unwrap();
+        p.items_done = Some(421);
+        p.advanced_at = chrono::Utc::now();
+        d.last_read_at = Some(chrono::Utc::now());
+    }
+    let t = tick_when_due(&mut w);
+    let rec = events_of(&t, "daemon_recovered");
+    assert_eq!(rec.len(), 1, "{:?}", t.events);
+    assert_eq!(rec[0].details["recovered_from"], "progress_stalled");
+}

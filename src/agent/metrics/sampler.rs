@@ -86,10 +86,22 @@ pub struct PidReading {
     pub fds: Option<u64>,
 }
 
-/// Reads one process; `None` when it is gone.
+/// Whether `/proc/PID/stat` describes a zombie or dead process (exited, not yet reaped).
+pub fn stat_is_defunct(text: &str) -> bool {
+    let state = text
+        .rfind(')')
+        .and_then(|i| text[i + 1..].split_whitespace().next());
+    matches!(state, Some("Z" | "X" | "x"))
+}
+
+/// Reads one process; `None` when it is gone (a zombie counts as gone: it has exited).
 pub fn read_pid(pid: u32) -> Option<PidReading> {
     let base = format!("/proc/{pid}");
-    let stat = parse_stat(&std::fs::read_to_string(format!("{base}/stat")).ok()?)?;
+    let text = std::fs::read_to_string(format!("{base}/stat")).ok()?;
+    if stat_is_defunct(&text) {
+        return None;
+    }
+    let stat = parse_stat(&text)?;
     let io = std::fs::read_to_string(format!("{base}/io"))
         .ok()
         .and_then(|t| parse_io(&t));
@@ -369,6 +381,9 @@ mod tests {
             })
         );
         assert_eq!(parse_stat("garbage"), None);
+        assert!(!stat_is_defunct(STAT));
+        assert!(stat_is_defunct("9 (a) b) Z 1 2"));
+        assert!(!stat_is_defunct("garbage"));
         assert_eq!(parse_stat("1 (x) S 1 2"), None);
     }
 
@@ -504,5 +519,23 @@ mod tests {
         assert!(me.stat.rss_pages > 0);
         assert!(me.fds.is_some_and(|n| n >= 3));
         assert!(read_pid(u32::MAX - 1).is_none());
+    }
+
+    #[test]
+    fn an_unreaped_child_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep runs");
+        assert!(read_pid(child.id()).is_some());
+        child.kill().expect("kill own child");
+        // Until it is reaped the child is a zombie; poll (bounded) for the state change.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while read_pid(child.id()).is_some() {
+            assert!(Instant::now() < deadline, "still alive after kill");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(std::path::Path::new(&format!("/proc/{}", child.id())).exists());
+        child.wait().expect("reap own child");
     }
 }
