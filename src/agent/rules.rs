@@ -47,6 +47,17 @@ const PROGRESS_KEYS: &[&str] = &[
     "items_total",
     "details",
 ];
+/// Progress fields that a capture of the same name fills when the table does not (CONTRACT.md
+/// §2); `level` and `parent_node_id` are not among them, since a capture named `level` is far
+/// more often a log level.
+const CAPTURE_FILLS: &[&str] = &[
+    "node_id",
+    "name",
+    "status",
+    "percent",
+    "items_done",
+    "items_total",
+];
 /// The keys an `event` table accepts.
 const EVENT_KEYS: &[&str] = &["event_type", "severity", "message", "details"];
 /// The values of `pipeline_progress.level`.
@@ -652,6 +663,14 @@ fn detail_table(
             p.push(key, None, "an empty key names nothing");
             continue;
         }
+        if k == "_pipewatch" {
+            p.push(
+                key,
+                None,
+                "`_pipewatch` is reserved for the agent's own notes; choose another key",
+            );
+            continue;
+        }
         match v {
             toml::Value::String(s) => match Template::parse(s, re) {
                 Ok(t) => out.push((k.clone(), DetailVal::Text(t))),
@@ -727,11 +746,12 @@ fn compile_progress(
                 "level" => text_val(p, &key, v, re, Some(conv_level)),
                 _ => text_val(p, &key, v, re, None),
             },
-            None => {
+            None if CAPTURE_FILLS.contains(&name) => {
                 let re = re?;
                 let i = capture_index(re, name)?;
                 Some(Val::Text(Template::capture(i, name)))
             }
+            None => None,
         }
     };
     let node_id = field("node_id", p);
@@ -1780,6 +1800,23 @@ mod tests {
     }
 
     #[test]
+    fn captures_named_level_or_parent_do_not_fill_progress() {
+        let rules = compile(
+            r#"
+            [[rules]]
+            match = '(?P<level>[A-Z]+) (?P<parent_node_id>\w+) (?P<node_id>\w+)'
+            progress = { status = "running" }
+            "#,
+        );
+        let r = apply(&rules, "ERROR root tiles");
+        let p = r.progress.unwrap();
+        assert_eq!(p.node_id, "tiles");
+        assert_eq!(p.level, None);
+        assert_eq!(p.parent_node_id, None);
+        assert!(r.context.is_empty());
+    }
+
+    #[test]
     fn table_value_wins_over_capture_of_same_name() {
         let rules = compile(
             r#"
@@ -1997,6 +2034,10 @@ mod tests {
                     "[0].progress.percent = 120: a percentage must be between 0 and 100",
                     "[0].progress.items_done = -1: must not be negative",
                 ],
+            ),
+            (
+                "[[rules]]\nmatch = 'x'\nset = { _pipewatch = \"x\" }",
+                &["[0].set._pipewatch: `_pipewatch` is reserved for the agent's own notes; choose another key"],
             ),
             (
                 "[[rules]]\nmatch = 'x'\nset = { a = \"{\" }",
