@@ -2142,3 +2142,56 @@ mod tests {
         assert_eq!(sticky, Sticky::default());
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any template text and any regex either compile or give problems; nothing panics.
+        #[test]
+        fn compile_never_panics(pattern in ".{0,40}", template in ".{0,40}", field in "[a-z._]{0,12}") {
+            let rule = RawRule {
+                match_: Some(pattern),
+                field: Some(field),
+                set: Some([("k".to_string(), toml::Value::String(template.clone()))].into()),
+                event: Some([("event_type".to_string(), toml::Value::String(template))].into()),
+                ..RawRule::default()
+            };
+            let _ = Rules::compile(&[rule]);
+        }
+
+        /// Any message through rules with every kind of conversion never panics, and a record
+        /// that nothing matches comes out unchanged.
+        #[test]
+        fn apply_never_panics(message in ".{0,200}", stage in proptest::option::of(".{0,10}")) {
+            let text = r#"
+                [[rules]]
+                match = '(?P<node_id>\S+) (?P<items_done>\S+)/(?P<items_total>\S+) (?P<percent>\S+) (?P<status>\S+)'
+                progress = { name = "{record.stage}", level = "step" }
+                [[rules]]
+                match = '(?P<a>\S*) (?P<b>.*)'
+                event = { event_type = "e{a}", severity = "{b}", details = { b = "{b}" } }
+                set = { level = "{a}", experiment_id = "{b}", stage = "{a}" }
+                sticky = true
+            "#;
+            #[derive(serde::Deserialize)]
+            struct File {
+                rules: Vec<RawRule>,
+            }
+            let rules = Rules::compile(&toml::from_str::<File>(text).unwrap().rules).unwrap();
+            let mut sticky = Sticky::default();
+            let mut r = Record::new(message.clone());
+            r.stage = stage;
+            let before = r.clone();
+            rules.apply(&mut r, &mut sticky);
+            if !message.contains(' ') {
+                prop_assert_eq!(r, before);
+            }
+            let mut next = Record::new(message);
+            rules.apply(&mut next, &mut sticky);
+        }
+    }
+}
