@@ -271,13 +271,24 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// The `[table]` or `[[array]]` header in force at `offset`, without brackets.
+/// The `[table]` header in force at `offset`, without brackets; for an `[[array]]` header,
+/// the array's name with the 0-based index of the element, e.g. `daemons.x.rules[2]`.
 fn section_at(text: &str, offset: usize) -> String {
     let before = &text[..offset.min(text.len())];
     for line in before.lines().rev() {
         let t = line.trim();
         if t.starts_with('[') {
-            return t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            let name = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            if t.starts_with("[[") {
+                let header = t.replace(' ', "");
+                let index = before
+                    .lines()
+                    .filter(|l| l.trim().replace(' ', "") == header)
+                    .count()
+                    .saturating_sub(1);
+                return format!("{name}[{index}]");
+            }
+            return name;
         }
     }
     String::new()
@@ -627,7 +638,7 @@ impl Resolver<'_> {
             Err(problems) => {
                 let section = format!("daemons.{daemon}.rules");
                 for p in problems {
-                    let line = self.locate_rule(&section, p.index);
+                    let line = self.locate_rule(&section, p.index, &p.key);
                     self.errors.push(ConfigError {
                         file: self.file.to_path_buf(),
                         line,
@@ -641,15 +652,30 @@ impl Resolver<'_> {
         }
     }
 
-    /// The line of the `index`-th `[[section]]` header (0-based).
-    fn locate_rule(&self, section: &str, index: usize) -> Option<usize> {
+    /// The line of `key` (its first segment) inside the `index`-th `[[section]]` element
+    /// (0-based), or of the element's header when the key is not written there.
+    fn locate_rule(&self, section: &str, index: usize, key: &str) -> Option<usize> {
         let header = format!("[[{section}]]");
-        self.text
-            .lines()
+        let lines: Vec<&str> = self.text.lines().collect();
+        let start = lines
+            .iter()
             .enumerate()
             .filter(|(_, l)| l.trim().replace(' ', "") == header)
             .nth(index)
-            .map(|(i, _)| i + 1)
+            .map(|(i, _)| i)?;
+        let leaf = key.split('.').next().unwrap_or(key);
+        let key_line = lines
+            .iter()
+            .enumerate()
+            .skip(start + 1)
+            .take_while(|(_, l)| !l.trim_start().starts_with('['))
+            .find(|(_, l)| {
+                l.trim_start()
+                    .strip_prefix(leaf)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+            .map(|(i, _)| i);
+        Some(key_line.unwrap_or(start) + 1)
     }
 }
 
