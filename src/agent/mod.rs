@@ -20,10 +20,7 @@ pub mod tail;
 
 use crate::config::Config;
 use crate::db::DbTarget;
-use crate::model::{EventRow, Level};
 use batch::{Batch, Batcher, Item};
-use chrono::Utc;
-use serde_json::json;
 use sink::{Sink, SinkError, SinkOptions};
 use std::time::Duration;
 use supervisor::Supervisor;
@@ -86,24 +83,46 @@ pub async fn run(
         let checkpoints = sink.load_checkpoints(&d.name).await?;
         sup.start(d, checkpoints);
     }
-    let started = agent_event(
-        &host,
-        "agent_started",
-        Level::Info,
-        "pipewatch agent started",
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "daemons": names,
-            "once": once,
-            "config": config.source.display().to_string(),
-        }),
-    );
+    let started = metrics::agent_started_event(&host, &config);
     let _ = tx
         .send(Item::Rows {
             metrics: vec![],
             events: vec![started],
         })
         .await;
+    // The metrics thread: samples on each daemon's interval; with `once`, one sample after the
+    // backfill.
+    let readers_done = CancellationToken::new();
+    let (reload_tx, reload_rx) = std::sync::mpsc::channel::<Vec<crate::config::DaemonConfig>>();
+    let sampler = {
+        let (tx, host, daemons, activity, stop, done) = (
+            tx.clone(),
+            host.clone(),
+            config.daemons.clone(),
+            activity.clone(),
+            stop.clone(),
+            readers_done.clone(),
+        );
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || sample_loop(tx, host, daemons, activity, once, stop, done, reload_rx))
+    };
+    if let Err(error) = &sampler {
+        tracing::error!(%error, "cannot start the metrics thread; metrics are off");
+    }
+    if let (Some(listen), false) = (&config.agent.metrics_listen, once) {
+        match listen.parse::<std::net::SocketAddr>() {
+            Ok(addr) => {
+                let (activity, stop) = (activity.clone(), stop.clone());
+                tokio::spawn(async move {
+                    if let Err(error) = metrics::prometheus::serve(addr, activity, stop).await {
+                        tracing::error!(error = %format!("{error:#}"), "Prometheus endpoint stopped");
+                    }
+                });
+            }
+            Err(error) => tracing::error!(%listen, %error, "metrics_listen is not an address"),
+        }
+    }
     drop(tx);
     let supervisor = tokio::spawn(supervise(
         sup,
@@ -111,6 +130,8 @@ pub async fn run(
         target_for_reload,
         once,
         stop.clone(),
+        readers_done,
+        reload_tx,
     ));
     let notifier = tokio::spawn(notify_systemd(activity.clone(), stop.clone()));
 
@@ -139,18 +160,8 @@ pub async fn run(
     };
     if result.is_ok() {
         let reason = if once { "backfill complete" } else { "signal" };
-        let stopped = agent_event(
-            &host,
-            "agent_stopped",
-            Level::Info,
-            "pipewatch agent stopped",
-            json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "reason": reason,
-                "records_shipped": summary.records_shipped,
-                "records_quarantined": summary.records_quarantined,
-            }),
-        );
+        let counters = activity.lock().map(|a| a.agent.clone()).unwrap_or_default();
+        let stopped = metrics::agent_stopped_event(&host, reason, &counters);
         let batch = Batch {
             events: vec![stopped],
             ..Batch::default()
@@ -168,26 +179,6 @@ pub async fn run(
     result.map(|()| summary)
 }
 
-fn agent_event(
-    host: &str,
-    kind: &str,
-    severity: Level,
-    message: &str,
-    details: serde_json::Value,
-) -> EventRow {
-    EventRow {
-        ts: Utc::now(),
-        experiment_id: None,
-        node_id: None,
-        event_type: kind.to_string(),
-        severity,
-        message: Some(message.to_string()),
-        details,
-        host: host.to_string(),
-        daemon: "pipewatch".to_string(),
-    }
-}
-
 /// Owns the readers until the agent stops; applies SIGHUP reloads meanwhile.
 async fn supervise(
     mut sup: Supervisor,
@@ -195,10 +186,13 @@ async fn supervise(
     target: DbTarget,
     once: bool,
     stop: CancellationToken,
+    readers_done: CancellationToken,
+    reload_metrics: std::sync::mpsc::Sender<Vec<crate::config::DaemonConfig>>,
 ) {
     if once {
         sup.close();
         sup.join_all().await;
+        readers_done.cancel();
         return;
     }
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -228,6 +222,7 @@ async fn supervise(
                     Ok(new) => match sup.reload(&config, &new, &target).await {
                         Ok(()) => {
                             tracing::info!(daemons = new.daemons.len(), "config reloaded");
+                            let _ = reload_metrics.send(new.daemons.clone());
                             config = new;
                         }
                         Err(error) => tracing::error!(error = %format!("{error:#}"), "config reload failed"),
@@ -239,6 +234,56 @@ async fn supervise(
     }
     sup.close();
     sup.join_all().await;
+    readers_done.cancel();
+}
+
+/// Samples the daemons until the agent stops; with `once`, one sample when the readers are done.
+#[allow(clippy::too_many_arguments)]
+fn sample_loop(
+    tx: mpsc::Sender<Item>,
+    host: String,
+    daemons: Vec<crate::config::DaemonConfig>,
+    activity: activity::SharedActivity,
+    once: bool,
+    stop: CancellationToken,
+    readers_done: CancellationToken,
+    reload: std::sync::mpsc::Receiver<Vec<crate::config::DaemonConfig>>,
+) {
+    let mut watcher = metrics::Watcher::new(host.clone(), daemons, activity.clone());
+    let send = |tick: metrics::Tick| {
+        if tick.metrics.is_empty() && tick.events.is_empty() {
+            return true;
+        }
+        tx.blocking_send(Item::Rows {
+            metrics: tick.metrics,
+            events: tick.events,
+        })
+        .is_ok()
+    };
+    if once {
+        while !readers_done.is_cancelled() && !stop.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        send(watcher.tick(std::time::Instant::now()));
+        return;
+    }
+    loop {
+        let now = std::time::Instant::now();
+        let wait = watcher.next_due(now).min(Duration::from_millis(250));
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        if let Ok(daemons) = reload.try_recv() {
+            watcher = metrics::Watcher::new(host.clone(), daemons, activity.clone());
+        }
+        let now = std::time::Instant::now();
+        if watcher.next_due(now).is_zero() && !send(watcher.tick(now)) {
+            return;
+        }
+    }
 }
 
 /// systemd STATUS and WATCHDOG pings while the agent runs.

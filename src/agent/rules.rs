@@ -1542,15 +1542,7 @@ pub fn print_sample(config: &Config, daemon: Option<&str>, file: &Path) -> anyho
     };
     let bytes = std::fs::read(file)
         .map_err(|e| anyhow::anyhow!("cannot read sample file {}: {e}", file.display()))?;
-    let text = String::from_utf8_lossy(&bytes);
-    let records: Vec<(usize, Record)> = text
-        .split('\n')
-        .enumerate()
-        .filter_map(|(i, line)| {
-            let line = line.strip_suffix('\r').unwrap_or(line);
-            (!line.trim().is_empty()).then(|| (i + 1, sample_record(d, line)))
-        })
-        .collect();
+    let records = parse_sample(d, &bytes);
     println!();
     println!(
         "sample {} with the {} rule(s) of daemons.{}:",
@@ -1562,53 +1554,39 @@ pub fn print_sample(config: &Config, daemon: Option<&str>, file: &Path) -> anyho
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------------
-// SAMPLE-ONLY FALLBACK PARSER. A minimal stand-in for `agent::parse`, used only by
-// `print_sample`; the integrator replaces `sample_record` with a call to the real parser.
-// ---------------------------------------------------------------------------------------------
-
-/// Turns one sample line into a record: a JSON object gives its `message`/`event`/`msg` as the
-/// message, its `level` and other keys as context; a text line is matched against the daemon's
-/// `text_pattern` when it has one; otherwise the whole line is the message.
-fn sample_record(d: &DaemonConfig, line: &str) -> Record {
-    if let Ok(Value::Object(mut m)) = serde_json::from_str::<Value>(line) {
-        let key = ["message", "event", "msg"]
-            .into_iter()
-            .find(|k| m.get(*k).is_some_and(Value::is_string));
-        let message = key
-            .and_then(|k| m.remove(k))
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_else(|| line.to_string());
-        let mut r = Record::new(message);
-        if let Some(level) = m
-            .get("level")
-            .and_then(Value::as_str)
-            .and_then(Level::from_db)
-        {
-            r.level = level;
-            m.remove("level");
-        }
-        r.context = m;
-        return r;
+/// Parses a sample file exactly as the agent would (same splitter, parser and line limit),
+/// numbering each record by the line it ends on.
+fn parse_sample(d: &DaemonConfig, bytes: &[u8]) -> Vec<(usize, Record)> {
+    use crate::agent::lines::LineSplitter;
+    use crate::agent::parse::{ParseOptions, Parser};
+    let mut splitter = LineSplitter::new(0, d.max_line_bytes);
+    let mut parser = Parser::new(ParseOptions {
+        format: d.format,
+        text_pattern: d.text_pattern.clone(),
+    });
+    let mut lines = Vec::new();
+    splitter.push(bytes, &mut lines);
+    if splitter.pending_len() > 0 {
+        // A sample's last line needs no newline.
+        splitter.push(b"\n", &mut lines);
     }
-    if let Some(caps) = d.text_pattern.as_ref().and_then(|re| re.captures(line)) {
-        let pattern = d.text_pattern.as_ref().map(Regex::capture_names);
-        let mut r = Record::new(caps.name("message").map_or(line, |m| m.as_str()));
-        for name in pattern.into_iter().flatten().flatten() {
-            let Some(v) = caps.name(name) else { continue };
-            match name {
-                "message" => {}
-                "level" => r.level = Level::from_db(v.as_str()).unwrap_or(r.level),
-                "logger" => r.logger = Some(v.as_str().to_string()),
-                _ => {
-                    r.context
-                        .insert(name.to_string(), Value::String(v.as_str().into()));
-                }
-            }
-        }
-        return r;
+    let mut out = Vec::new();
+    for line in lines {
+        parser.push(line, &mut out);
     }
-    Record::new(line)
+    parser.flush(&mut out);
+    let line_ends: Vec<usize> = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(i, _)| i + 1)
+        .collect();
+    out.into_iter()
+        .map(|(r, end)| {
+            let n = line_ends.partition_point(|e| (*e as u64) < end) + 1;
+            (n, r)
+        })
+        .collect()
 }
 
 #[cfg(test)]
