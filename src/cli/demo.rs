@@ -51,9 +51,9 @@ max_wait = "200ms"
 logs = ["$DIR/logs/*.jsonl"]
 experiment_id = "$EXP"
 pid_file = "$DIR/clusterer.pid"
-metrics_interval = "2s"
+metrics_interval = "1s"
 disks = ["$DIR"]
-stall_after = "3s"
+stall_after = "2s"
 
 # Plain messages become progress, context and events without touching the daemon.
 [[daemons.clusterer.rules]]
@@ -396,7 +396,7 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<Code> {
         busy(step(0.5));
     }
     // The hang: alive, silent, idle.
-    std::thread::sleep(step(5.0));
+    std::thread::sleep(step(6.0));
     emit(
         "warning",
         "MemoryError while merging clusters; retrying with smaller chunks",

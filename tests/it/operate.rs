@@ -273,3 +273,34 @@ fn hostile_text_is_stored_intact_never_executed() {
     }
     assert_eq!(env.count("SELECT count(*) FROM pipewatch_checkpoints"), 1);
 }
+
+#[test]
+fn demo_runs_end_to_end_and_cleans_up() {
+    let out = pipewatch_cmd(&["demo", "--duration", "14s"]).output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    for want in [
+        "starting a throwaway PostgreSQL",
+        "schema migrated",
+        "Tile processing (tiles)",
+        "200/200",
+        "tile 61 failed: invalid geometry",
+        "ValueError: self-intersecting ring",
+        "1× tile 61 failed",
+        "daemon_started",
+        "daemon_stalled",
+        "out_of_memory",
+        "agent_stopped",
+        "clusterer",
+        "explore further",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}\n{stderr}");
+    }
+    // The simulated daemon is gone.
+    let pid = stdout
+        .lines()
+        .find_map(|l| l.split("started (pid ").nth(1))
+        .and_then(|s| s.trim_end_matches(')').parse::<i32>().ok())
+        .expect("the demo names the daemon's pid");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "daemon {pid} still running");
+}
