@@ -142,7 +142,7 @@ impl Supervisor {
         self.tx = dead;
     }
 
-    /// Applies a new configuration. Changes to [database], [agent] or [batch] need a restart
+    /// Applies a new configuration. Changes to `[database]`, `[agent]` or `[batch]` need a restart
     /// and are reported, not applied.
     pub async fn reload(
         &mut self,

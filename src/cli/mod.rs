@@ -33,7 +33,7 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// Database URL (libpq URL or key=value string); overrides PIPEWATCH_DATABASE_URL and
-    /// the config file's [database] url
+    /// the config file's `[database] url`
     #[arg(long, global = true, value_name = "URL")]
     pub database_url: Option<String>,
 

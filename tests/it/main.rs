@@ -12,5 +12,6 @@ mod operate;
 mod rules_config;
 mod schema;
 mod shipper;
+mod tidy;
 mod tls;
 mod verify;
