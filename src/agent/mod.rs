@@ -123,6 +123,14 @@ pub async fn run(
             Err(error) => tracing::error!(%listen, %error, "metrics_listen is not an address"),
         }
     }
+    if let (Some(retention), false) = (&config.retention, once) {
+        tokio::spawn(retain(
+            target_for_reload.clone(),
+            host.clone(),
+            retention.older_than,
+            stop.clone(),
+        ));
+    }
     drop(tx);
     let supervisor = tokio::spawn(supervise(
         sup,
@@ -235,6 +243,33 @@ async fn supervise(
     sup.close();
     sup.join_all().await;
     readers_done.cancel();
+}
+
+/// `[retention]`: shortly after start and then hourly, offers to apply the retention; the
+/// database lets one agent of the fleet do it once a day (`pipewatch_apply_retention`).
+async fn retain(target: DbTarget, host: String, older_than: Duration, stop: CancellationToken) {
+    let days = i32::try_from((older_than.as_secs() / 86_400).max(1)).unwrap_or(i32::MAX);
+    let mut wait = Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+        wait = Duration::from_secs(3600);
+        let result = async {
+            let client = crate::db::connect(&target).await?;
+            let row = client
+                .query_one("SELECT pipewatch_apply_retention($1, $2)", &[&days, &host])
+                .await?;
+            anyhow::Ok(row.get::<_, Option<i64>>(0))
+        }
+        .await;
+        match result {
+            Ok(Some(rows)) => tracing::info!(rows, days, "retention applied"),
+            Ok(None) => tracing::debug!("retention already applied today by this or another agent"),
+            Err(error) => tracing::warn!(error = %format!("{error:#}"), "cannot apply retention"),
+        }
+    }
 }
 
 /// Samples the daemons until the agent stops; with `once`, one sample when the readers are done.

@@ -472,6 +472,14 @@ impl Resolver<'_> {
                     Duration::ZERO
                 }
             };
+            if !older_than.is_zero() && older_than < Duration::from_secs(86_400) {
+                self.err(
+                    "retention",
+                    "older_than",
+                    r.older_than.as_ref().map(|v| format!("{v:?}")),
+                    "retention works in whole days: at least \"1d\"",
+                );
+            }
             Some(RetentionConfig { older_than })
         });
         let mut daemons = Vec::new();

@@ -43,6 +43,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0006", "views"),
     migration!("0007", "agent_bookkeeping"),
     migration!("0008", "roles"),
+    migration!("0009", "retention"),
 ];
 
 /// The key of the advisory lock every schema change holds (`hashtext('pipewatch_migrate')`

@@ -45,6 +45,7 @@ pub const OTHER_TABLES: &[&str] = &[
     "pipewatch_schema_migrations",
     "pipewatch_checkpoints",
     "pipewatch_agents",
+    "pipewatch_retention",
 ];
 
 /// The three monitoring views.
@@ -67,6 +68,7 @@ pub const FUNCTIONS: &[&str] = &[
 pub const HELPER_FUNCTIONS: &[&str] = &[
     "pipewatch_ensure_partitions(timestamptz,timestamptz)",
     "pipewatch_level_rank(text)",
+    "pipewatch_apply_retention(integer,text,interval)",
 ];
 
 /// The partitioned tables.

@@ -9,6 +9,7 @@ mod harness;
 mod metrics;
 mod migrate;
 mod operate;
+mod privileges;
 mod rules_config;
 mod schema;
 mod shipper;
