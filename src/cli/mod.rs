@@ -83,9 +83,14 @@ pub struct Context {
 }
 
 impl Context {
-    /// Loads the config file; a missing file is an error.
+    /// Loads the config file; a missing file is an error. Secrets readable by others are
+    /// warned about.
     pub fn load_config(&self) -> anyhow::Result<Config> {
-        Ok(config::load(&self.config_path)?)
+        let config = config::load(&self.config_path)?;
+        for warning in config::redact::exposure_warnings(&config) {
+            tracing::warn!("{warning}");
+        }
+        Ok(config)
     }
 
     /// Loads the config file when there is one; a missing default file is not an error.

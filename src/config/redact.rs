@@ -170,3 +170,35 @@ mod tests {
         );
     }
 }
+
+/// Whether a URL or key=value string carries a password.
+pub fn has_password(url: &str) -> bool {
+    redact_url(url) != url.trim()
+}
+
+/// Warnings about secrets others may read: a config file holding a password, or a password
+/// file, readable by every user.
+pub fn exposure_warnings(config: &Config) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let world_readable = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o004 != 0)
+            .unwrap_or(false)
+    };
+    let mut out = Vec::new();
+    if config.database.url.as_deref().is_some_and(has_password) && world_readable(&config.source) {
+        out.push(format!(
+            "{} holds a database password and is readable by every user: chmod o-r it, or move the password to password_file",
+            config.source.display()
+        ));
+    }
+    if let Some(pf) = &config.database.password_file {
+        if world_readable(pf) {
+            out.push(format!(
+                "password_file {} is readable by every user: chmod o-r it",
+                pf.display()
+            ));
+        }
+    }
+    out
+}

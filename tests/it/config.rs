@@ -179,3 +179,23 @@ fn database_url_precedence_flag_over_env_over_file() {
         text(&out)
     );
 }
+
+#[test]
+fn a_world_readable_config_with_a_password_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "[database]\nurl = \"postgres://u:hunter2@127.0.0.1:1/db\"\n\n[daemons.app]\nlogs = [\"/tmp/nope/*.jsonl\"]\n",
+    );
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (_, _, err) = check_config(&cfg);
+    assert!(
+        err.contains("holds a database password and is readable by every user"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (_, _, err) = check_config(&cfg);
+    assert!(!err.contains("readable by every user"), "{err}");
+}

@@ -9,6 +9,7 @@ mod harness;
 mod metrics;
 mod migrate;
 mod operate;
+mod packaging;
 mod privileges;
 mod rules_config;
 mod schema;
