@@ -145,32 +145,6 @@ pub fn describe(config: &Config, effective_url: Option<&str>) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn hides_passwords() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/db?sslmode=require"),
-            "postgres://u:***@h:5432/db?sslmode=require"
-        );
-        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            redact_url("postgres://u@h/db?password=x&sslmode=disable"),
-            "postgres://u@h/db?password=***&sslmode=disable"
-        );
-        assert_eq!(
-            redact_url("host=h user=u password=secret dbname=d"),
-            "host=h user=u password=*** dbname=d"
-        );
-        assert_eq!(
-            redact_url("host=h password='a b' dbname=d"),
-            "host=h password=*** dbname=d"
-        );
-    }
-}
-
 /// Whether a URL or key=value string carries a password.
 pub fn has_password(url: &str) -> bool {
     redact_url(url) != url.trim()
@@ -201,4 +175,30 @@ pub fn exposure_warnings(config: &Config) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn hides_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db?sslmode=require"),
+            "postgres://u:***@h:5432/db?sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=x&sslmode=disable"),
+            "postgres://u@h/db?password=***&sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("host=h user=u password=secret dbname=d"),
+            "host=h user=u password=*** dbname=d"
+        );
+        assert_eq!(
+            redact_url("host=h password='a b' dbname=d"),
+            "host=h password=*** dbname=d"
+        );
+    }
 }
