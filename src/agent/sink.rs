@@ -88,13 +88,14 @@ const UPSERT_CHECKPOINTS: &str =
      updated_at = now()";
 
 const UPSERT_AGENT: &str = "INSERT INTO pipewatch_agents AS a (agent_id, host, daemons, version, \
-     started_at, last_commit_at, last_batch_id, records_shipped, records_quarantined) \
-     VALUES ($1, $2, $3, $4, $5, now(), $6, $7, $8) \
+     started_at, last_commit_at, last_batch_id, records_shipped, records_quarantined, details) \
+     VALUES ($1, $2, $3, $4, $5, now(), $6, $7, $8, $9) \
      ON CONFLICT (agent_id) DO UPDATE SET host = EXCLUDED.host, daemons = EXCLUDED.daemons, \
      version = EXCLUDED.version, started_at = EXCLUDED.started_at, last_commit_at = now(), \
      last_batch_id = EXCLUDED.last_batch_id, \
      records_shipped = a.records_shipped + EXCLUDED.records_shipped, \
-     records_quarantined = a.records_quarantined + EXCLUDED.records_quarantined";
+     records_quarantined = a.records_quarantined + EXCLUDED.records_quarantined, \
+     details = EXCLUDED.details";
 
 /// Why a commit could not be completed.
 #[derive(Debug, thiserror::Error)]
@@ -408,6 +409,19 @@ impl Sink {
         }
     }
 
+    /// What `pipewatch status` shows of this agent: files read, bytes behind, reconnects.
+    fn agent_details(&self) -> Value {
+        match self.activity.lock() {
+            Ok(a) => json!({
+                "files": a.files.len(),
+                "lag_bytes": a.files.values().map(|f| f.lag_bytes).sum::<u64>(),
+                "reconnects": a.agent.reconnects,
+                "pid": std::process::id(),
+            }),
+            Err(_) => json!({}),
+        }
+    }
+
     /// One attempt: the whole batch in one transaction. With `isolate`, every statement runs
     /// under a savepoint and refused rows are quarantined. Returns how many were quarantined.
     async fn write(
@@ -420,6 +434,7 @@ impl Sink {
         let host = self.host.clone();
         let daemons = self.daemons.clone();
         let started_at = self.started_at;
+        let details = self.agent_details();
         let client = self.client().await?;
         let tx = client.transaction().await?;
         let mut quarantined = Vec::new();
@@ -466,6 +481,7 @@ impl Sink {
                 &batch_id,
                 &(batch.logs.len() as i64),
                 &(quarantined.len() as i64),
+                &details,
             ],
         )
         .await?;
