@@ -135,27 +135,7 @@ fn replace_db(base: &str, db: &str) -> String {
 
 /// Runs SQL with psql and returns the unaligned, tuples-only output.
 pub fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([
-            url,
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "psql failed for {sql:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    try_psql(url, sql).unwrap_or_else(|stderr| panic!("psql failed for {sql:?}: {stderr}"))
 }
 
 /// Like [`psql`] but returns stderr on failure instead of panicking.
