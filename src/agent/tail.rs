@@ -35,6 +35,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 pub const ROTATED_GRACE: Duration = Duration::from_secs(2);
 /// How long an idle file at EOF stays open before it is let go (reopened when it grows).
 pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// How often a file that could not be opened is tried again.
+const UNREADABLE_RETRY: Duration = Duration::from_secs(30);
 /// Bytes read per read call.
 const READ_BYTES: usize = 256 * 1024;
 /// Records per chunk sent to the batcher, at most.
@@ -84,6 +86,8 @@ enum Skip {
     Duplicate,
     /// Let go while idle at EOF.
     Idle,
+    /// Could not be opened (permissions): said once, tried again when the file changes.
+    Unreadable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -92,6 +96,7 @@ struct Seen {
     ino: u64,
     len: u64,
     skip: Skip,
+    at: Instant,
 }
 
 struct Tracked {
@@ -309,14 +314,30 @@ impl Reader {
             return;
         }
         if let Some(s) = self.seen.get(path) {
-            if s.dev == dev && s.ino == ino && (s.len == len || s.skip == Skip::Compressed) {
+            let unchanged = match s.skip {
+                Skip::Compressed => true,
+                // Permissions may be fixed without the file changing: look again now and then.
+                Skip::Unreadable => s.at.elapsed() < UNREADABLE_RETRY,
+                Skip::Duplicate | Skip::Idle => s.len == len,
+            };
+            if s.dev == dev && s.ino == ino && unchanged {
                 return;
             }
         }
         let file = match File::open(path) {
             Ok(f) => f,
             Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "cannot open log file");
+                tracing::warn!(path = %path.display(), %error, "cannot open log file; will retry when it changes");
+                self.seen.insert(
+                    path.to_path_buf(),
+                    Seen {
+                        dev,
+                        ino,
+                        len,
+                        skip: Skip::Unreadable,
+                        at: Instant::now(),
+                    },
+                );
                 return;
             }
         };
@@ -328,6 +349,7 @@ impl Reader {
                     ino,
                     len,
                     skip: Skip::Compressed,
+                    at: Instant::now(),
                 },
             );
             return;
@@ -344,6 +366,7 @@ impl Reader {
                     ino,
                     len,
                     skip: Skip::Duplicate,
+                    at: Instant::now(),
                 },
             );
             return;
@@ -650,6 +673,7 @@ impl Reader {
                             ino: t.ino,
                             len,
                             skip: Skip::Idle,
+                            at: Instant::now(),
                         },
                     );
                 } else if let Ok(mut a) = self.setup.activity.lock() {
