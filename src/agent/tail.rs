@@ -602,7 +602,6 @@ impl Reader {
             let mut events = Vec::new();
             let mut progress = Vec::new();
             let mut end = t.splitter.committed_offset();
-            let mut last = None;
             for (mut rec, rec_end) in iter.by_ref().take(max) {
                 daemon.rules.apply(&mut rec, &mut t.sticky);
                 let routed = route(rec, &src, now);
@@ -614,10 +613,8 @@ impl Reader {
                     progress.push(p);
                 }
                 logs.push(routed.log);
-                last = logs.len().checked_sub(1);
             }
             note_activity(&self.setup.activity, &daemon.name, &logs, &progress, now);
-            let _ = last;
             let hash = window
                 .and_then(|(w, buf)| window_tail_hash(&w.carry, buf, w.buf_start, end))
                 .or_else(|| tail_hash(&t.file, end).ok().flatten());
