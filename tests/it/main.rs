@@ -11,6 +11,7 @@ mod migrate;
 mod operate;
 mod packaging;
 mod privileges;
+mod regression;
 mod rules_config;
 mod schema;
 mod shipper;
