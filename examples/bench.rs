@@ -450,8 +450,17 @@ fn pipewatch_binary() -> anyhow::Result<PathBuf> {
     if let Some(cargo) = std::env::var_os("CARGO") {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--bin", "pipewatch", "--manifest-path"])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+        // Built together with this example, so that both see the same features (the example
+        // unifies dev-dependency features) and neither build undoes the other.
+        cmd.args([
+            "build",
+            "--bin",
+            "pipewatch",
+            "--example",
+            "bench",
+            "--manifest-path",
+        ])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
         if release {
             cmd.arg("--release");
         }
@@ -1148,6 +1157,14 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
             None,
         );
         let rules_active = derived.0 > 0 || derived.1 > 0 || derived.2 > 0;
+        // CPU seconds are steadier than wall time on a shared machine: a second view.
+        let cpu_ratio = median(&plain_cpu) / median(&rules_cpu);
+        summary.add(
+            "agent CPU s without rules / with rules (median)",
+            format!("{cpu_ratio:.2}"),
+            "",
+            None,
+        );
         summary.add(
             if rules_active {
                 "ratio with rules / without"
