@@ -464,6 +464,23 @@ fn pipewatch_binary() -> anyhow::Result<PathBuf> {
         if release {
             cmd.arg("--release");
         }
+        // `cargo run` sets these for us; a build script (ring's) watches CARGO_MANIFEST_DIR,
+        // so passing them on would make each build undo the other.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || matches!(
+                    k.as_ref(),
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                )
+            {
+                cmd.env_remove(&key);
+            }
+        }
         let st = cmd.status().context("run cargo build --bin pipewatch")?;
         if !st.success() {
             bail!("cargo build --bin pipewatch failed");
