@@ -143,11 +143,20 @@ pub async fn run(
     ));
     let notifier = tokio::spawn(notify_systemd(activity.clone(), stop.clone()));
 
+    // The batcher fills the next batch while the sink commits the current one.
     let mut batcher = Batcher::new(rx, config.batch.max_records, config.batch.max_wait);
+    let (batch_tx, mut batches) = mpsc::channel::<Batch>(1);
+    tokio::spawn(async move {
+        while let Some(batch) = batcher.next().await {
+            if batch_tx.send(batch).await.is_err() {
+                break;
+            }
+        }
+    });
     let mut deadline: Option<tokio::time::Instant> = None;
     let result = loop {
         let next = tokio::select! {
-            b = batcher.next() => b,
+            b = batches.recv() => b,
             _ = stop.cancelled(), if deadline.is_none() => {
                 deadline = Some(tokio::time::Instant::now() + DRAIN_DEADLINE);
                 continue;

@@ -97,6 +97,9 @@ const UPSERT_AGENT: &str = "INSERT INTO pipewatch_agents AS a (agent_id, host, d
      records_quarantined = a.records_quarantined + EXCLUDED.records_quarantined, \
      details = EXCLUDED.details";
 
+/// The longest wait between two attempts to reach the database.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
 /// Why a commit could not be completed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -223,7 +226,7 @@ impl Sink {
         &mut self,
         stop: Option<&tokio_util::sync::CancellationToken>,
     ) -> Result<(), SinkError> {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         let first_failure = Instant::now();
         loop {
             match self.client().await {
@@ -313,7 +316,7 @@ impl Sink {
         }
         self.maintain_partitions().await;
         let batch_id = Uuid::new_v4();
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         let mut unreachable_since: Option<Instant> = None;
         let mut isolate = false;
         let mut schema_logged = false;

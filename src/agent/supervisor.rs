@@ -6,7 +6,7 @@
 
 use crate::agent::activity::SharedActivity;
 use crate::agent::batch::Item;
-use crate::agent::tail::{self, StoredCheckpoint};
+use crate::agent::tail::{self, Hint, StoredCheckpoint};
 use crate::config::{Config, DaemonConfig};
 use crate::db::DbTarget;
 use std::collections::BTreeMap;
@@ -34,7 +34,7 @@ pub struct Supervisor {
     stop: CancellationToken,
     readers: BTreeMap<String, Running>,
     /// Notify hints go to every reader's waker.
-    wakers: Arc<Mutex<BTreeMap<String, std::sync::mpsc::Sender<()>>>>,
+    wakers: Arc<Mutex<BTreeMap<String, std::sync::mpsc::Sender<Hint>>>>,
     watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -50,7 +50,7 @@ impl Supervisor {
         activity: SharedActivity,
         stop: CancellationToken,
     ) -> Supervisor {
-        let wakers: Arc<Mutex<BTreeMap<String, std::sync::mpsc::Sender<()>>>> =
+        let wakers: Arc<Mutex<BTreeMap<String, std::sync::mpsc::Sender<Hint>>>> =
             Arc::new(Mutex::new(BTreeMap::new()));
         let watcher = if once {
             None
@@ -121,7 +121,7 @@ impl Supervisor {
             r.stop.cancel();
             if let Ok(mut w) = self.wakers.lock() {
                 if let Some(waker) = w.remove(name) {
-                    let _ = waker.send(());
+                    let _ = waker.send(Hint::Names);
                 }
             }
             let _ = tokio::task::spawn_blocking(move || r.thread.join()).await;
@@ -263,14 +263,21 @@ pub async fn load_checkpoints(
         .collect())
 }
 
-/// A watcher that wakes every reader on any event (a hint only).
+/// A watcher that wakes every reader on any event (a hint only), saying whether names
+/// changed (a file created, renamed or removed) or only contents.
 fn make_watcher(
-    wakers: Arc<Mutex<BTreeMap<String, std::sync::mpsc::Sender<()>>>>,
+    wakers: Arc<Mutex<BTreeMap<String, std::sync::mpsc::Sender<Hint>>>>,
 ) -> Option<notify::RecommendedWatcher> {
-    notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+    use notify::event::{EventKind, ModifyKind};
+    notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let hint = match res.map(|e| e.kind) {
+            Ok(EventKind::Modify(ModifyKind::Data(_))) => Hint::Data,
+            Ok(EventKind::Access(_)) => return,
+            _ => Hint::Names,
+        };
         if let Ok(w) = wakers.lock() {
             for waker in w.values() {
-                let _ = waker.send(());
+                let _ = waker.send(hint);
             }
         }
     })

@@ -35,12 +35,25 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 pub const ROTATED_GRACE: Duration = Duration::from_secs(2);
 /// How long an idle file at EOF stays open before it is let go (reopened when it grows).
 pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// How long a reader woken by a notify hint waits before reading: a tenth of `max_wait`, at
+/// most 50 ms, so a line still reaches the sink well within `max_wait`.
+fn wake_debounce(max_wait: Duration) -> Duration {
+    (max_wait / 10).min(Duration::from_millis(50))
+}
+
 /// How often a file that could not be opened is tried again.
 const UNREADABLE_RETRY: Duration = Duration::from_secs(30);
 /// Bytes read per read call.
 const READ_BYTES: usize = 256 * 1024;
 /// Records per chunk sent to the batcher, at most.
 const CHUNK_RECORDS: usize = 1000;
+
+/// What a notify event says: file names changed (look for new files now), or only contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hint {
+    Names,
+    Data,
+}
 
 /// A position stored in `pipewatch_checkpoints`.
 #[derive(Debug, Clone)]
@@ -66,7 +79,7 @@ pub struct ReaderSetup {
     pub activity: SharedActivity,
     pub stop: CancellationToken,
     /// Notify hints (any message means "look now").
-    pub wake: std::sync::mpsc::Receiver<()>,
+    pub wake: std::sync::mpsc::Receiver<Hint>,
 }
 
 /// What the reader knows of a position it has sent (committed or about to be).
@@ -222,18 +235,25 @@ impl Reader {
                 return;
             }
             self.let_go();
-            if progressed {
-                if last_discover.elapsed() >= POLL_INTERVAL * 4 {
-                    self.discover(false);
-                    last_discover = Instant::now();
+            let mut names_changed = false;
+            if !progressed {
+                // Idle: wait for a hint or the poll interval. A hint usually means a write
+                // has begun; waiting a moment lets a burst of writes be read at once, which
+                // keeps a steadily written file from costing a wake-up per line.
+                if let Ok(hint) = self.setup.wake.recv_timeout(POLL_INTERVAL) {
+                    names_changed = hint == Hint::Names;
+                    std::thread::sleep(wake_debounce(self.setup.max_wait));
                 }
-                continue;
             }
-            // Idle: wait for a hint or the poll interval, then look for new files.
-            let _ = self.setup.wake.recv_timeout(POLL_INTERVAL);
-            while self.setup.wake.try_recv().is_ok() {}
-            self.discover(false);
-            last_discover = Instant::now();
+            while let Ok(hint) = self.setup.wake.try_recv() {
+                names_changed |= hint == Hint::Names;
+            }
+            // New files are looked for when names change (a file created or rotated), and
+            // otherwise once per poll interval, the safety net for missed events.
+            if names_changed || last_discover.elapsed() >= POLL_INTERVAL {
+                self.discover(false);
+                last_discover = Instant::now();
+            }
         }
         tracing::debug!(daemon = %name, "reader stopped");
     }
