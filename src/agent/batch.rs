@@ -3,7 +3,8 @@
 //!
 //! Pure bookkeeping plus one channel receive: no file or database I/O.
 
-use crate::model::{EventRow, LogRow, MetricRow, ProgressRow};
+use crate::agent::copyrow::EncodedRow;
+use crate::model::{EventRow, MetricRow, ProgressRow};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -27,7 +28,8 @@ pub struct Checkpoint {
 /// What readers send: the rows of consecutive records of one file and the position after them.
 #[derive(Debug, Clone)]
 pub struct FileChunk {
-    pub logs: Vec<LogRow>,
+    /// `pipeline_logs` rows, already encoded for COPY.
+    pub logs: Vec<EncodedRow>,
     pub events: Vec<EventRow>,
     pub progress: Vec<ProgressRow>,
     pub checkpoint: Checkpoint,
@@ -49,7 +51,7 @@ pub enum Item {
 /// Everything one transaction writes.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub logs: Vec<LogRow>,
+    pub logs: Vec<EncodedRow>,
     pub events: Vec<EventRow>,
     pub progress: Vec<ProgressRow>,
     pub metrics: Vec<MetricRow>,
@@ -151,7 +153,8 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Level;
+    use crate::agent::copyrow::encode;
+    use crate::model::{Level, LogRow};
     use chrono::Utc;
 
     fn chunk(fp: &str, n: usize, pos: u64) -> Item {
@@ -171,7 +174,7 @@ mod tests {
             source: None,
         };
         Item::Chunk(FileChunk {
-            logs: vec![row; n],
+            logs: vec![encode(&row); n],
             events: vec![],
             progress: vec![],
             checkpoint: Checkpoint {

@@ -6,6 +6,7 @@
 
 pub mod activity;
 pub mod batch;
+pub mod copyrow;
 pub mod fingerprint;
 pub mod lines;
 pub mod metrics;

@@ -7,37 +7,18 @@
 
 use crate::agent::activity::SharedActivity;
 use crate::agent::batch::{Batch, Checkpoint};
+use crate::agent::copyrow::{self, EncodedRow};
 use crate::agent::retry::{classify, Backoff, ErrorKind};
 use crate::db::DbTarget;
 use crate::model::{EventRow, Level, LogRow, MetricRow, ProgressRow};
+use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
-use futures_util::pin_mut;
+use futures_util::{pin_mut, SinkExt};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
-
-const COPY_LOGS: &str = "COPY pipeline_logs (ts, level, message, logger, experiment_id, node_id, \
-     stage, context, traceback, metrics, host, daemon, source) FROM STDIN (FORMAT binary)";
-
-const LOG_TYPES: [Type; 13] = [
-    Type::TIMESTAMPTZ,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::UUID,
-    Type::TEXT,
-    Type::TEXT,
-    Type::JSONB,
-    Type::TEXT,
-    Type::JSONB,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-];
 
 const INSERT_EVENTS: &str = "INSERT INTO pipeline_events (ts, experiment_id, node_id, event_type, \
      severity, message, details, host, daemon) \
@@ -504,37 +485,27 @@ fn schema_hint(text: &str) -> String {
     }
 }
 
-fn level_str(l: Level) -> &'static str {
-    l.as_str()
-}
+/// Bytes sent to the server per COPY message.
+const COPY_CHUNK: usize = 256 * 1024;
 
-async fn copy_logs(tx: &Transaction<'_>, rows: &[LogRow]) -> Result<(), tokio_postgres::Error> {
+/// Streams already encoded rows with one binary COPY.
+async fn copy_logs(tx: &Transaction<'_>, rows: &[EncodedRow]) -> Result<(), tokio_postgres::Error> {
     if rows.is_empty() {
         return Ok(());
     }
-    let sink = tx.copy_in(COPY_LOGS).await?;
-    let writer = BinaryCopyInWriter::new(sink, &LOG_TYPES);
-    pin_mut!(writer);
+    let sink = tx.copy_in::<_, Bytes>(copyrow::COPY_STATEMENT).await?;
+    pin_mut!(sink);
+    let mut buf = BytesMut::with_capacity(COPY_CHUNK + 4096);
+    buf.extend_from_slice(copyrow::HEADER);
     for r in rows {
-        let level = level_str(r.level);
-        let values: [&(dyn ToSql + Sync); 13] = [
-            &r.ts,
-            &level,
-            &r.message,
-            &r.logger,
-            &r.experiment_id,
-            &r.node_id,
-            &r.stage,
-            &r.context,
-            &r.traceback,
-            &r.metrics,
-            &r.host,
-            &r.daemon,
-            &r.source,
-        ];
-        writer.as_mut().write(&values).await?;
+        buf.extend_from_slice(&r.0);
+        if buf.len() >= COPY_CHUNK {
+            sink.send(buf.split().freeze()).await?;
+        }
     }
-    writer.finish().await?;
+    buf.extend_from_slice(copyrow::TRAILER);
+    sink.send(buf.freeze()).await?;
+    sink.finish().await?;
     Ok(())
 }
 
@@ -563,7 +534,7 @@ async fn finish_savepoint(
 /// replaced by a quarantine row that keeps its content as text.
 async fn isolate_logs(
     tx: &Transaction<'_>,
-    rows: &[LogRow],
+    rows: &[EncodedRow],
     quarantined: &mut Vec<(LogRow, String)>,
 ) -> Result<(), Failure> {
     let mut stack = vec![(0usize, rows.len())];
@@ -580,8 +551,9 @@ async fn isolate_logs(
                 tx.batch_execute("ROLLBACK TO SAVEPOINT pw_split").await?;
                 if hi - lo == 1 {
                     let reason = describe(&e);
-                    let row = &rows[lo];
-                    let safe = quarantine_row(row, &reason);
+                    let row = copyrow::decode(&rows[lo]).unwrap_or_else(|| unreadable_row(&reason));
+                    let row = &row;
+                    let safe = copyrow::encode(&quarantine_row(row, &reason));
                     tx.batch_execute("SAVEPOINT pw_split").await?;
                     let stored = match copy_logs(tx, std::slice::from_ref(&safe)).await {
                         Ok(()) => {
@@ -595,7 +567,7 @@ async fn isolate_logs(
                         Err(e2) => return Err(e2.into()),
                     };
                     if !stored {
-                        let minimal = minimal_row(row, &reason);
+                        let minimal = copyrow::encode(&minimal_row(row, &reason));
                         copy_logs(tx, std::slice::from_ref(&minimal)).await?;
                     }
                     tracing::warn!(error = %reason, source = ?row.source, "record quarantined");
@@ -641,6 +613,25 @@ fn quarantine_row(row: &LogRow, reason: &str) -> LogRow {
         host: row.host.clone(),
         daemon: row.daemon.clone(),
         source: row.source.clone(),
+    }
+}
+
+/// Stands in for a row whose encoding cannot be read back (never expected).
+fn unreadable_row(reason: &str) -> LogRow {
+    LogRow {
+        ts: Utc::now(),
+        level: Level::Error,
+        message: String::new(),
+        logger: None,
+        experiment_id: None,
+        node_id: None,
+        stage: None,
+        context: json!({ "_pipewatch": { "quarantined": reason } }),
+        traceback: None,
+        metrics: None,
+        host: String::new(),
+        daemon: String::new(),
+        source: None,
     }
 }
 

@@ -8,6 +8,7 @@
 
 use crate::agent::activity::{FileActivity, ProgressActivity, SharedActivity};
 use crate::agent::batch::{Checkpoint, FileChunk, Item};
+use crate::agent::copyrow;
 use crate::agent::fingerprint::{
     compressed_name, fingerprint, looks_compressed, tail_hash, window_tail_hash, TAIL_BYTES,
 };
@@ -622,6 +623,7 @@ impl Reader {
             let mut events = Vec::new();
             let mut progress = Vec::new();
             let mut end = t.splitter.committed_offset();
+            let mut seen = ChunkSummary::default();
             for (mut rec, rec_end) in iter.by_ref().take(max) {
                 daemon.rules.apply(&mut rec, &mut t.sticky);
                 let routed = route(rec, &src, now);
@@ -632,9 +634,12 @@ impl Reader {
                 if let Some(p) = routed.progress {
                     progress.push(p);
                 }
-                logs.push(routed.log);
+                logs.push(copyrow::encode(&routed.log));
+                seen.count += 1;
+                seen.experiment_id = routed.log.experiment_id.or(seen.experiment_id);
+                seen.last = Some(routed.log);
             }
-            note_activity(&self.setup.activity, &daemon.name, &logs, &progress, now);
+            note_activity(&self.setup.activity, &daemon.name, &seen, &progress, now);
             let hash = window
                 .and_then(|(w, buf)| window_tail_hash(&w.carry, buf, w.buf_start, end))
                 .or_else(|| tail_hash(&t.file, end).ok().flatten());
@@ -703,25 +708,33 @@ impl Reader {
     }
 }
 
+/// What a chunk's records say about the daemon: how many, the last one, its latest experiment.
+#[derive(Default)]
+struct ChunkSummary {
+    count: u64,
+    last: Option<crate::model::LogRow>,
+    experiment_id: Option<uuid::Uuid>,
+}
+
 /// Records what the daemon is doing for the metrics sampler and stall detector.
 fn note_activity(
     activity: &SharedActivity,
     daemon: &str,
-    logs: &[crate::model::LogRow],
+    seen: &ChunkSummary,
     progress: &[crate::model::ProgressRow],
     now: DateTime<Utc>,
 ) {
-    let Some(last) = logs.last() else { return };
+    let Some(last) = &seen.last else { return };
     let Ok(mut a) = activity.lock() else { return };
     let d = a.daemons.entry(daemon.to_string()).or_default();
-    d.records_read += logs.len() as u64;
+    d.records_read += seen.count;
     d.last_read_at = Some(now);
     d.last_record_ts = Some(last.ts);
     d.last_level = Some(last.level);
     d.last_message = Some(truncate(&last.message, 500));
     d.last_stage = last.stage.clone();
     d.last_node_id = last.node_id.clone();
-    if let Some(e) = logs.iter().rev().find_map(|l| l.experiment_id) {
+    if let Some(e) = seen.experiment_id {
         d.last_experiment_id = Some(e);
     }
     for p in progress {
