@@ -39,7 +39,7 @@ const UPSERT_PROGRESS: &str = "INSERT INTO pipeline_progress AS p (experiment_id
      VALUES ($1, $2, $3, $4, COALESCE($5, $2), COALESCE($6, 'running'), \
      GREATEST(0.0, LEAST(100.0, COALESCE($7::float8, 100.0 * $8::int8 / NULLIF($9::int8, 0), \
               CASE WHEN $6 = 'completed' THEN 100.0 END))), $8::int8, \
-     $9::int8, CASE WHEN COALESCE($6, 'running') <> 'pending' THEN $10::timestamptz END, \
+     $9::int8, CASE WHEN COALESCE($6, 'running') <> 'pending' THEN $12::timestamptz END, \
      CASE WHEN $6 IN ('completed', 'failed', 'cancelled') THEN $10::timestamptz END, $10::timestamptz, \
      COALESCE($11::jsonb, '{}'::jsonb)) \
      ON CONFLICT (experiment_id, node_id) DO UPDATE SET \
@@ -52,7 +52,7 @@ const UPSERT_PROGRESS: &str = "INSERT INTO pipeline_progress AS p (experiment_id
          CASE WHEN $6 = 'completed' THEN 100.0 END, p.progress_percent))), \
      items_done = COALESCE($8::int8, p.items_done), \
      items_total = COALESCE($9::int8, p.items_total), \
-     started_at = COALESCE(p.started_at, CASE WHEN COALESCE($6, p.status) <> 'pending' THEN $10::timestamptz END), \
+     started_at = COALESCE(p.started_at, CASE WHEN COALESCE($6, p.status) <> 'pending' THEN $12::timestamptz END), \
      completed_at = CASE WHEN COALESCE($6, p.status) IN ('completed', 'failed', 'cancelled') \
                     THEN COALESCE(p.completed_at, $10::timestamptz) END, \
      updated_at = $10::timestamptz, \
@@ -742,62 +742,60 @@ async fn insert_metrics(
     Ok(())
 }
 
-/// Folds successive updates of the same node: a newer (or equally new, later) update overlays
-/// the fields it carries; an older one is dropped, as the database would drop it.
-pub fn collapse_progress(rows: &[ProgressRow]) -> Vec<ProgressRow> {
-    let mut out: Vec<ProgressRow> = Vec::new();
-    let mut index: HashMap<(Uuid, String), usize> = HashMap::new();
+/// A progress update to send, and the time of the earliest update it stands for (its
+/// `started_at` when it starts the node).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upsert {
+    pub row: ProgressRow,
+    pub first_at: DateTime<Utc>,
+}
+
+/// Drops an update when a later one of the same node, at least as new, sets every field it
+/// sets: applying both or only the later gives the same row. Anything else is kept, in order,
+/// so the database decides (an older update never overwrites a newer row).
+pub fn collapse_progress(rows: &[ProgressRow]) -> Vec<Upsert> {
+    fn covers(old: &crate::model::ProgressUpdate, new: &crate::model::ProgressUpdate) -> bool {
+        (old.parent_node_id.is_none() || new.parent_node_id.is_some())
+            && (old.level.is_none() || new.level.is_some())
+            && (old.name.is_none() || new.name.is_some())
+            && (old.status.is_none() || new.status.is_some())
+            && (old.percent.is_none() || new.percent.is_some())
+            && (old.items_done.is_none() || new.items_done.is_some())
+            && (old.items_total.is_none() || new.items_total.is_some())
+            && old.details.is_none()
+    }
+    let mut out: Vec<Option<Upsert>> = Vec::with_capacity(rows.len());
+    let mut last: HashMap<(Uuid, &str), usize> = HashMap::new();
     for r in rows {
-        let key = (r.experiment_id, r.update.node_id.clone());
-        match index.get(&key) {
-            None => {
-                index.insert(key, out.len());
-                out.push(r.clone());
-            }
-            Some(&i) => {
-                let cur = &mut out[i];
-                if r.updated_at < cur.updated_at {
-                    continue;
+        let key = (r.experiment_id, r.update.node_id.as_str());
+        let mut first_at = r.updated_at;
+        if let Some(&i) = last.get(&key) {
+            if let Some(prev) = out[i].as_ref() {
+                if r.updated_at >= prev.row.updated_at && covers(&prev.row.update, &r.update) {
+                    first_at = prev.first_at.min(r.updated_at);
+                    out[i] = None;
                 }
-                let u = &r.update;
-                let c = &mut cur.update;
-                macro_rules! overlay {
-                    ($($f:ident),*) => { $( if u.$f.is_some() { c.$f = u.$f.clone(); } )* };
-                }
-                overlay!(
-                    parent_node_id,
-                    level,
-                    name,
-                    status,
-                    percent,
-                    items_done,
-                    items_total
-                );
-                if let Some(d) = &u.details {
-                    c.details = Some(match (c.details.take(), d) {
-                        (Some(Value::Object(mut a)), Value::Object(b)) => {
-                            a.extend(b.clone());
-                            Value::Object(a)
-                        }
-                        _ => d.clone(),
-                    });
-                }
-                cur.updated_at = r.updated_at;
             }
         }
+        last.insert(key, out.len());
+        out.push(Some(Upsert {
+            row: r.clone(),
+            first_at,
+        }));
     }
-    out
+    out.into_iter().flatten().collect()
 }
 
 async fn upsert_progress(
     tx: &Transaction<'_>,
-    rows: &[ProgressRow],
+    rows: &[Upsert],
 ) -> Result<(), tokio_postgres::Error> {
     if rows.is_empty() {
         return Ok(());
     }
     let stmt = tx.prepare(UPSERT_PROGRESS).await?;
-    let futures = rows.iter().map(|r| {
+    let futures = rows.iter().map(|up| {
+        let r = &up.row;
         let u = &r.update;
         let stmt = &stmt;
         async move {
@@ -815,6 +813,7 @@ async fn upsert_progress(
                     &u.items_total,
                     &r.updated_at,
                     &u.details,
+                    &up.first_at,
                 ],
             )
             .await
@@ -842,4 +841,55 @@ async fn upsert_checkpoints(
     tx.execute(UPSERT_CHECKPOINTS, &[&host, &d, &f, &p, &pos, &th, &st])
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ProgressUpdate;
+
+    fn up(secs: i64, node: &str, percent: Option<f64>, status: Option<&str>) -> ProgressRow {
+        ProgressRow {
+            experiment_id: Uuid::nil(),
+            updated_at: DateTime::from_timestamp(secs, 0).unwrap(),
+            update: ProgressUpdate {
+                node_id: node.into(),
+                percent,
+                status: status.map(str::to_string),
+                ..ProgressUpdate::default()
+            },
+        }
+    }
+
+    #[test]
+    fn only_updates_fully_covered_by_a_newer_one_are_dropped() {
+        let rows = vec![
+            up(10, "a", Some(10.0), None),
+            up(11, "b", Some(1.0), None),
+            up(12, "a", Some(20.0), None),
+            // Older than the kept one: kept, the database will refuse it.
+            up(5, "a", Some(99.0), Some("completed")),
+            // Newer but does not set `status`, which the previous one sets: both kept.
+            up(13, "a", Some(30.0), None),
+        ];
+        let got: Vec<(String, i64, i64)> = collapse_progress(&rows)
+            .into_iter()
+            .map(|u| {
+                (
+                    u.row.update.node_id.clone(),
+                    u.row.updated_at.timestamp(),
+                    u.first_at.timestamp(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("b".into(), 11, 11),
+                ("a".into(), 12, 10),
+                ("a".into(), 5, 5),
+                ("a".into(), 13, 13)
+            ]
+        );
+    }
 }

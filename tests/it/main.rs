@@ -10,6 +10,7 @@ mod metrics;
 mod migrate;
 mod operate;
 mod packaging;
+mod pipeline;
 mod privileges;
 mod regression;
 mod rules_config;
