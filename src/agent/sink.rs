@@ -551,7 +551,8 @@ async fn isolate_logs(
                 tx.batch_execute("ROLLBACK TO SAVEPOINT pw_split").await?;
                 if hi - lo == 1 {
                     let reason = describe(&e);
-                    let row = copyrow::decode(&rows[lo]).unwrap_or_else(|| unreadable_row(&reason));
+                    let row =
+                        copyrow::decode(&rows[lo]).unwrap_or_else(|| minimal_row(None, &reason));
                     let row = &row;
                     let safe = copyrow::encode(&quarantine_row(row, &reason));
                     tx.batch_execute("SAVEPOINT pw_split").await?;
@@ -567,7 +568,7 @@ async fn isolate_logs(
                         Err(e2) => return Err(e2.into()),
                     };
                     if !stored {
-                        let minimal = copyrow::encode(&minimal_row(row, &reason));
+                        let minimal = copyrow::encode(&minimal_row(Some(row), &reason));
                         copy_logs(tx, std::slice::from_ref(&minimal)).await?;
                     }
                     tracing::warn!(error = %reason, source = ?row.source, "record quarantined");
@@ -616,27 +617,9 @@ fn quarantine_row(row: &LogRow, reason: &str) -> LogRow {
     }
 }
 
-/// Stands in for a row whose encoding cannot be read back (never expected).
-fn unreadable_row(reason: &str) -> LogRow {
-    LogRow {
-        ts: Utc::now(),
-        level: Level::Error,
-        message: String::new(),
-        logger: None,
-        experiment_id: None,
-        node_id: None,
-        stage: None,
-        context: json!({ "_pipewatch": { "quarantined": reason } }),
-        traceback: None,
-        metrics: None,
-        host: String::new(),
-        daemon: String::new(),
-        source: None,
-    }
-}
-
-/// The last resort when even the escaped form is refused.
-fn minimal_row(row: &LogRow, reason: &str) -> LogRow {
+/// The last resort when even the escaped form is refused, or the row cannot be read back.
+fn minimal_row(row: Option<&LogRow>, reason: &str) -> LogRow {
+    let origin = |f: fn(&LogRow) -> String| row.map(f).unwrap_or_default();
     LogRow {
         ts: Utc::now(),
         level: Level::Error,
@@ -648,9 +631,9 @@ fn minimal_row(row: &LogRow, reason: &str) -> LogRow {
         context: json!({ "_pipewatch": { "quarantined": reason } }),
         traceback: None,
         metrics: None,
-        host: row.host.clone(),
-        daemon: row.daemon.clone(),
-        source: row.source.clone(),
+        host: origin(|r| r.host.clone()),
+        daemon: origin(|r| r.daemon.clone()),
+        source: row.and_then(|r| r.source.clone()),
     }
 }
 
