@@ -44,3 +44,17 @@ pub fn code_for(err: &anyhow::Error) -> Code {
     }
     Code::Failure
 }
+
+/// Advice for errors with a usual cause: a missing table or function means the schema was
+/// never migrated (or is older than this binary).
+pub fn hint_for(err: &anyhow::Error) -> Option<&'static str> {
+    for cause in err.chain() {
+        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+            let code = pg.code().map(|c| c.code());
+            if matches!(code, Some("42P01" | "42883" | "42703")) {
+                return Some(" (is the schema migrated? run `pipewatch migrate`)");
+            }
+        }
+    }
+    None
+}

@@ -37,7 +37,18 @@ fn main() -> ExitCode {
         Ok(code) => code.into(),
         Err(err) => {
             let code = code_for(&err);
-            let text = format!("{err:#}");
+            let mut text = format!("{err:#}");
+            if let Some(hint) = pipewatch::exit::hint_for(&err) {
+                text.push_str(hint);
+            }
+            // One line per problem: configuration errors list each problem on its own line;
+            // anything else (a server message with a HINT line, say) is kept on one.
+            let is_config = err
+                .chain()
+                .any(|c| c.is::<pipewatch::config::resolve::ConfigErrors>());
+            if !is_config {
+                text = text.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+            }
             for line in text.lines() {
                 eprintln!("pipewatch: {line}");
             }

@@ -312,3 +312,17 @@ fn demo_runs_end_to_end_and_cleans_up() {
         "daemon {pid} still running"
     );
 }
+
+#[test]
+fn commands_on_an_unmigrated_database_say_to_migrate_in_one_line() {
+    let db = crate::support::pg::fresh_db();
+    for args in [vec!["status"], vec!["logs", "-e", EXP], vec!["errors"]] {
+        let mut all = vec!["--database-url", db.as_str()];
+        all.extend(args.iter().copied());
+        let out = pipewatch_cmd(&all).output().unwrap();
+        let (_, err) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("run `pipewatch migrate`"), "{args:?}: {err}");
+    }
+}
