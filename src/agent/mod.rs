@@ -71,6 +71,8 @@ pub async fn run(
         SinkOptions {
             give_up_after: once.then(once_give_up),
             schema_fatal: once,
+            stop: Some(stop.clone()),
+            drain: DRAIN_DEADLINE,
         },
     );
     sink.connect(Some(&stop)).await?;

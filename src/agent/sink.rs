@@ -106,6 +106,9 @@ pub struct SinkOptions {
     pub give_up_after: Option<Duration>,
     /// Schema errors are fatal (`--once`) rather than retried.
     pub schema_fatal: bool,
+    /// The agent's stop signal: once it fires, retrying ends after `drain`.
+    pub stop: Option<tokio_util::sync::CancellationToken>,
+    pub drain: Duration,
 }
 
 /// A failed attempt: its kind, a one-line description, and whether the error was raised by
@@ -157,6 +160,8 @@ pub struct Sink {
     activity: SharedActivity,
     options: SinkOptions,
     last_partition_check: Option<Instant>,
+    /// When the agent's stop was first seen, plus the drain time.
+    stopped_at: Option<tokio::time::Instant>,
 }
 
 impl Sink {
@@ -179,6 +184,7 @@ impl Sink {
             activity,
             options,
             last_partition_check: None,
+            stopped_at: None,
         }
     }
 
@@ -350,14 +356,36 @@ impl Sink {
                 }
             }
             let delay = backoff.next_delay();
-            if let Some(d) = deadline {
+            if let Some(d) = deadline.or_else(|| self.drain_deadline()) {
                 if tokio::time::Instant::now() + delay > d {
                     return Err(SinkError::Deadline(failure.text));
                 }
             }
             tracing::warn!(error = %failure.text, retry_in = ?delay, "commit failed; retrying the same batch");
-            tokio::time::sleep(delay).await;
+            match self.options.stop.clone() {
+                Some(stop) if !stop.is_cancelled() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+                _ => tokio::time::sleep(delay).await,
+            }
         }
+    }
+
+    /// Once the agent is stopping, the time by which retrying must end.
+    fn drain_deadline(&mut self) -> Option<tokio::time::Instant> {
+        let stopping = self.options.stop.as_ref().is_some_and(|s| s.is_cancelled());
+        if !stopping {
+            return None;
+        }
+        let drain = self.options.drain;
+        Some(
+            *self
+                .stopped_at
+                .get_or_insert_with(|| tokio::time::Instant::now() + drain),
+        )
     }
 
     /// Whether the agent row already carries this batch id (a commit whose reply was lost).

@@ -20,7 +20,16 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     }
     let target = ctx.db_target(Some(&config))?;
     let stop = crate::agent::shutdown::install();
-    let summary = crate::agent::run(config, target, args.once, stop).await?;
+    let summary = match crate::agent::run(config, target, args.once, stop).await {
+        Ok(summary) => summary,
+        // Stopped while the database was unreachable: nothing is lost (uncommitted lines are
+        // read again at the next start), so this is still a clean stop.
+        Err(crate::agent::sink::SinkError::Deadline(last)) => {
+            tracing::warn!(error = %last, "stopped before the last batch could be committed; it is read again at the next start");
+            return Ok(Code::Success);
+        }
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(
         records = summary.records_shipped,
         quarantined = summary.records_quarantined,

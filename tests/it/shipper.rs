@@ -384,3 +384,25 @@ fn a_record_the_database_refuses_is_quarantined_and_the_rest_still_land() {
         299
     );
 }
+
+#[test]
+fn sigterm_while_the_database_is_down_exits_zero_and_loses_nothing() {
+    let cluster = pg::Cluster::start_new();
+    let env = Env::with_db(cluster.create_db());
+    let log = env.path("app.jsonl");
+    append(&log, &lines(0..100));
+    let cfg = env.config(&daemon_cfg("app", "$DIR/*.jsonl"));
+    let agent = env.spawn(&cfg);
+    assert!(wait_until(Duration::from_secs(20), || env
+        .count("SELECT count(*) FROM pipeline_logs")
+        == 100));
+    cluster.stop();
+    append(&log, &lines(100..300));
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, took, stderr) = agent.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    cluster.start();
+    env.run_once_ok(&cfg);
+    assert_exactly(&env, "app", 300);
+}
