@@ -156,37 +156,29 @@ pub async fn run(
             }
         }
     });
-    let mut deadline: Option<tokio::time::Instant> = None;
+    // The sink itself ends retrying a drain time after the stop signal.
     let result = loop {
-        let next = tokio::select! {
-            b = batches.recv() => b,
-            _ = stop.cancelled(), if deadline.is_none() => {
-                deadline = Some(tokio::time::Instant::now() + DRAIN_DEADLINE);
-                continue;
-            }
+        let Some(batch) = batches.recv().await else {
+            break Ok(());
         };
-        let Some(batch) = next else { break Ok(()) };
-        if let Err(e) = sink.commit(batch, deadline).await {
+        if let Err(e) = sink.commit(batch, None).await {
             break Err(e);
         }
     };
-    let summary = {
-        let a = activity.lock().map(|a| a.agent.clone()).unwrap_or_default();
-        Summary {
-            records_shipped: a.records_shipped,
-            records_quarantined: a.records_quarantined,
-            batches: a.batches_committed,
-        }
+    let counters = activity.lock().map(|a| a.agent.clone()).unwrap_or_default();
+    let summary = Summary {
+        records_shipped: counters.records_shipped,
+        records_quarantined: counters.records_quarantined,
+        batches: counters.batches_committed,
     };
     if result.is_ok() {
         let reason = if once { "backfill complete" } else { "signal" };
-        let counters = activity.lock().map(|a| a.agent.clone()).unwrap_or_default();
         let stopped = metrics::agent_stopped_event(&host, reason, &counters);
         let batch = Batch {
             events: vec![stopped],
             ..Batch::default()
         };
-        let d = deadline.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN_DEADLINE);
+        let d = tokio::time::Instant::now() + DRAIN_DEADLINE;
         if let Err(error) = sink.commit(batch, Some(d)).await {
             tracing::warn!(%error, "could not record agent_stopped");
         }
