@@ -62,6 +62,17 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         .since
         .map(|d| Utc::now() - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::zero()));
     let level = args.level.as_ref().map(|l| l.to_ascii_uppercase());
+    let newest: i64 = if args.follow {
+        client
+            .query_one(
+                "SELECT coalesce(max(id), 0) FROM pipeline_logs WHERE experiment_id = $1",
+                &[&experiment],
+            )
+            .await?
+            .get(0)
+    } else {
+        0
+    };
     let rows = client
         .query(
             &format!(
@@ -90,14 +101,8 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     if !args.follow {
         return Ok(Code::Success);
     }
-    // Follow from the newest row there is, whatever the filters showed.
-    let newest: i64 = client
-        .query_one(
-            "SELECT coalesce(max(id), 0) FROM pipeline_logs WHERE experiment_id = $1",
-            &[&experiment],
-        )
-        .await?
-        .get(0);
+    // Follow from the newest row there was before the first query (whatever the filters
+    // showed), or the newest printed if one arrived in between: nothing twice, nothing missed.
     last_id = last_id.max(newest);
     follow(&client, experiment, &args, level, last_id, json_out, color).await
 }

@@ -6,7 +6,7 @@ use crate::support::{pipewatch_cmd, text};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const EXP: &str = "11111111-2222-4333-8444-555555555555";
 
@@ -136,23 +136,42 @@ fn logs_follow_streams_new_rows() {
     .stderr(Stdio::null())
     .spawn()
     .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert_eq!(first["message"], "message 1");
+    // Lines arrive on a channel so that a silent follower fails the test instead of hanging it.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(10)).ok();
+    let first: Option<Value> = next().map(|l| serde_json::from_str(&l).unwrap());
     env.sql(&format!(
         "INSERT INTO pipeline_logs (ts, level, message, experiment_id) VALUES (now(), 'INFO', 'fresh one', '{EXP}'), (now(), 'INFO', 'fresh two', '{EXP}')"
     ));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut got = Vec::new();
-    while got.len() < 2 && Instant::now() < deadline {
-        let l = lines.next().unwrap().unwrap();
-        let v: Value = serde_json::from_str(&l).unwrap();
-        got.push(v["message"].as_str().unwrap().to_string());
-    }
+    let got: Vec<String> = (0..2)
+        .filter_map(|_| next())
+        .map(|l| {
+            serde_json::from_str::<Value>(&l).unwrap()["message"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     // SAFETY: our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        first.map(|f| f["message"].clone()),
+        Some(Value::from("message 1"))
+    );
     assert_eq!(got, vec!["fresh one", "fresh two"]);
+    assert!(
+        status.success(),
+        "the follower stops cleanly on SIGTERM: {status:?}"
+    );
 }
 
 #[test]
