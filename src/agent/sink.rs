@@ -37,8 +37,9 @@ const UPSERT_PROGRESS: &str = "INSERT INTO pipeline_progress AS p (experiment_id
      parent_node_id, level, name, status, progress_percent, items_done, items_total, started_at, \
      completed_at, updated_at, details) \
      VALUES ($1, $2, $3, $4, COALESCE($5, $2), COALESCE($6, 'running'), \
-     GREATEST(0.0, LEAST(100.0, COALESCE($7::float8, 100.0 * $8::int8 / NULLIF($9::int8, 0), \
-              CASE WHEN $6 = 'completed' THEN 100.0 END))), $8::int8, \
+     (SELECT CASE WHEN v IS NOT NULL THEN GREATEST(0.0, LEAST(100.0, v)) END FROM (SELECT \
+         COALESCE($7::float8, 100.0 * $8::int8 / NULLIF($9::int8, 0), \
+                  CASE WHEN $6 = 'completed' THEN 100.0 END) AS v) AS pct), $8::int8, \
      $9::int8, CASE WHEN COALESCE($6, 'running') <> 'pending' THEN $12::timestamptz END, \
      CASE WHEN $6 IN ('completed', 'failed', 'cancelled') THEN $10::timestamptz END, $10::timestamptz, \
      COALESCE($11::jsonb, '{}'::jsonb)) \
@@ -47,9 +48,10 @@ const UPSERT_PROGRESS: &str = "INSERT INTO pipeline_progress AS p (experiment_id
      level = COALESCE($4, p.level), \
      name = COALESCE($5, p.name), \
      status = COALESCE($6, p.status), \
-     progress_percent = GREATEST(0.0, LEAST(100.0, COALESCE($7::float8, \
-         100.0 * COALESCE($8::int8, p.items_done) / NULLIF(COALESCE($9::int8, p.items_total), 0), \
-         CASE WHEN $6 = 'completed' THEN 100.0 END, p.progress_percent))), \
+     progress_percent = (SELECT CASE WHEN v IS NOT NULL THEN GREATEST(0.0, LEAST(100.0, v)) END \
+         FROM (SELECT COALESCE($7::float8, \
+             100.0 * COALESCE($8::int8, p.items_done) / NULLIF(COALESCE($9::int8, p.items_total), 0), \
+             CASE WHEN $6 = 'completed' THEN 100.0 END, p.progress_percent) AS v) AS pct), \
      items_done = COALESCE($8::int8, p.items_done), \
      items_total = COALESCE($9::int8, p.items_total), \
      started_at = COALESCE(p.started_at, CASE WHEN COALESCE($6, p.status) <> 'pending' THEN $12::timestamptz END), \
