@@ -1,0 +1,1 @@
+//! Rules end to end.
