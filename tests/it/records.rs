@@ -141,5 +141,106 @@ fn bad_input_corpus_ships_every_complete_non_blank_line_with_the_reason() {
         ),
         [r#"partial|{"seq": 21}"#]
     );
-    let _ = append;
+}
+
+#[test]
+fn known_formats_are_recognised_without_configuration() {
+    let env = Env::new();
+    let lines = [
+        // structlog
+        format!(
+            r#"{{"event": "tile done", "level": "warning", "timestamp": "2024-05-01T12:00:01.250000Z", "logger": "geo.tiles", "experiment_id": "{EXP_A}", "tile": 7}}"#
+        ),
+        // python-json-logger with exc_info
+        r#"{"asctime": "2024-05-01 12:00:02,500", "levelname": "ERROR", "name": "geo.io", "message": "write failed", "exc_info": "Traceback (most recent call last):\n  File \"io.py\", line 9, in write\nOSError: disk full"}"#.to_string(),
+        // loguru serialize=True: the traceback is in `text`, `record.exception.traceback` is true
+        format!(
+            r#"{{"text": "2024-05-01 12:00:03.000 | ERROR    | geo.loguru:run:10 - loguru failed\nTraceback (most recent call last):\n  File \"l.py\", line 10, in run\nValueError: bad\n", "record": {{"elapsed": {{"repr": "0:00:01.000000", "seconds": 1.0}}, "exception": {{"type": "ValueError", "value": "bad", "traceback": true}}, "extra": {{"experiment_id": "{EXP_B}", "node_id": "n7"}}, "file": {{"name": "l.py", "path": "/app/l.py"}}, "function": "run", "level": {{"icon": "x", "name": "ERROR", "no": 40}}, "line": 10, "message": "loguru failed", "module": "l", "name": "geo.loguru", "process": {{"id": 42, "name": "MainProcess"}}, "thread": {{"id": 1, "name": "MainThread"}}, "time": {{"repr": "2024-05-01 12:00:03.000000+00:00", "timestamp": 1714564803.0}}}}}}"#
+        ),
+        // ECS
+        r#"{"@timestamp": "2024-05-01T12:00:04.000Z", "log.level": "error", "message": "ecs failed", "ecs.version": "1.6.0", "log": {"logger": "geo.ecs"}, "error": {"type": "KeyError", "message": "'k'", "stack_trace": "Traceback (most recent call last):\nKeyError: 'k'"}}"#.to_string(),
+        // pino
+        r#"{"level": 50, "time": 1714564805000, "pid": 1, "hostname": "h1", "name": "geo.pino", "msg": "pino failed", "err": {"type": "Error", "message": "boom", "stack": "Error: boom\n    at f (x.js:1:1)"}}"#.to_string(),
+    ];
+    append(&env.path("fmt.jsonl"), &lines);
+    let cfg = env.config("[daemons.fmt]\nlogs = [\"$DIR/*.jsonl\"]\n");
+    env.run_once_ok(&cfg);
+    let got = rows(
+        &env,
+        "SELECT level, message, logger, replace(coalesce(traceback, '-'), E'\\n', '\\n'), \
+         to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS'), \
+         coalesce(experiment_id::text, '-'), coalesce(node_id, '-') \
+         FROM pipeline_logs WHERE daemon = 'fmt' ORDER BY id",
+    );
+    assert_eq!(
+        got,
+        [
+            format!("WARNING|tile done|geo.tiles|-|2024-05-01 12:00:01.250|{EXP_A}|-"),
+            r#"ERROR|write failed|geo.io|Traceback (most recent call last):\n  File "io.py", line 9, in write\nOSError: disk full|2024-05-01 12:00:02.500|-|-"#.to_string(),
+            format!(r#"ERROR|loguru failed|geo.loguru|Traceback (most recent call last):\n  File "l.py", line 10, in run\nValueError: bad|2024-05-01 12:00:03.000|{EXP_B}|n7"#),
+            r#"ERROR|ecs failed|geo.ecs|Traceback (most recent call last):\nKeyError: 'k'|2024-05-01 12:00:04.000|-|-"#.to_string(),
+            r#"ERROR|pino failed|geo.pino|Error: boom\n    at f (x.js:1:1)|2024-05-01 12:00:05.000|-|-"#.to_string(),
+        ]
+    );
+    // What is not mapped to a column stays in context; none of them failed to parse.
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM pipeline_logs WHERE daemon = 'fmt' AND context ? '_pipewatch'"
+        ),
+        0
+    );
+    assert_eq!(
+        rows(
+            &env,
+            "SELECT context->>'tile', context->>'pid', context->>'hostname' \
+             FROM pipeline_logs WHERE daemon = 'fmt' AND message IN ('tile done', 'pino failed') \
+             ORDER BY id"
+        ),
+        ["7||", "|1|h1"]
+    );
+}
+
+#[test]
+fn context_precedence_record_then_path_then_daemon_default() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.path(EXP_B)).unwrap();
+    std::fs::create_dir_all(env.path("plain")).unwrap();
+    append(
+        &env.path(&format!("{EXP_B}/node9.jsonl")),
+        &[
+            format!(r#"{{"event": "own", "experiment_id": "{EXP_A}"}}"#),
+            r#"{"event": "from path"}"#.to_string(),
+            r#"{"event": "not a uuid", "experiment_id": "exp-42"}"#.to_string(),
+            r#"{"event": "in context", "context": {"node_id": "ctx-node", "stage": "ctx-stage", "k": 1}}"#.to_string(),
+            format!(r#"{{"event": "in extra", "extra": {{"node_id": "extra-node", "stage": "extra-stage", "experiment_id": "{EXP_A}"}}}}"#),
+            r#"{"event": "top wins", "node_id": "top", "context": {"node_id": "ctx"}}"#.to_string(),
+        ],
+    );
+    append(
+        &env.path("plain/other.jsonl"),
+        &[r#"{"event": "default"}"#.to_string()],
+    );
+    let cfg = env.config(&format!(
+        "[daemons.ctx]\nlogs = [\"$DIR/*/*.jsonl\"]\n\
+         path_pattern = '/(?P<experiment_id>[0-9a-f-]{{36}})/(?P<node_id>[^/]+)\\.jsonl$'\n\
+         experiment_id = \"{EXP_C}\"\n"
+    ));
+    env.run_once_ok(&cfg);
+    let got = rows(
+        &env,
+        "SELECT message, experiment_id, coalesce(node_id, '-'), coalesce(stage, '-'), \
+         context::text FROM pipeline_logs WHERE daemon = 'ctx' ORDER BY message",
+    );
+    assert_eq!(
+        got,
+        [
+            format!("default|{EXP_C}|-|-|{{}}"),
+            format!("from path|{EXP_B}|node9|-|{{}}"),
+            format!("in context|{EXP_B}|ctx-node|ctx-stage|{{\"k\": 1}}"),
+            format!("in extra|{EXP_A}|extra-node|extra-stage|{{}}"),
+            format!("not a uuid|{EXP_B}|node9|-|{{\"experiment_id\": \"exp-42\"}}"),
+            format!("own|{EXP_A}|node9|-|{{}}"),
+            format!("top wins|{EXP_B}|top|-|{{\"node_id\": \"ctx\"}}"),
+        ]
+    );
 }
