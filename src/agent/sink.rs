@@ -9,7 +9,7 @@ use crate::agent::activity::SharedActivity;
 use crate::agent::batch::{Batch, Checkpoint};
 use crate::agent::retry::{classify, Backoff, ErrorKind};
 use crate::db::DbTarget;
-use crate::model::{EventRow, Level, LogRow, MetricRow, ProgressRow};
+use crate::model::{EventRow, Level, LogRow, MetricRow, ProgressRow, ProgressUpdate};
 use chrono::{DateTime, Utc};
 use futures_util::pin_mut;
 use serde_json::{json, Map, Value};
@@ -52,12 +52,15 @@ const INSERT_METRICS: &str =
      $6::int4[], $7::float8[], $8::int8[], $9::float8[], $10::float8[], $11::float8[], \
      $12::float8[], $13::float8[], $14::jsonb[])";
 
+/// The percent is clamped inside a sub-select that yields no row, hence NULL, when no percent is
+/// known: `GREATEST` and `LEAST` ignore NULL arguments, so clamping NULL directly would give 100.
 const UPSERT_PROGRESS: &str = "INSERT INTO pipeline_progress AS p (experiment_id, node_id, \
      parent_node_id, level, name, status, progress_percent, items_done, items_total, started_at, \
      completed_at, updated_at, details) \
      VALUES ($1, $2, $3, $4, COALESCE($5, $2), COALESCE($6, 'running'), \
-     GREATEST(0.0, LEAST(100.0, COALESCE($7::float8, 100.0 * $8::int8 / NULLIF($9::int8, 0), \
-              CASE WHEN $6 = 'completed' THEN 100.0 END))), $8::int8, \
+     (SELECT GREATEST(0.0, LEAST(100.0, v)) FROM (SELECT COALESCE($7::float8, \
+              100.0 * $8::int8 / NULLIF($9::int8, 0), \
+              CASE WHEN $6 = 'completed' THEN 100.0 END) AS v) AS pct WHERE v IS NOT NULL), $8::int8, \
      $9::int8, CASE WHEN COALESCE($6, 'running') <> 'pending' THEN $10::timestamptz END, \
      CASE WHEN $6 IN ('completed', 'failed', 'cancelled') THEN $10::timestamptz END, $10::timestamptz, \
      COALESCE($11::jsonb, '{}'::jsonb)) \
@@ -66,9 +69,10 @@ const UPSERT_PROGRESS: &str = "INSERT INTO pipeline_progress AS p (experiment_id
      level = COALESCE($4, p.level), \
      name = COALESCE($5, p.name), \
      status = COALESCE($6, p.status), \
-     progress_percent = GREATEST(0.0, LEAST(100.0, COALESCE($7::float8, \
+     progress_percent = (SELECT GREATEST(0.0, LEAST(100.0, v)) FROM (SELECT COALESCE($7::float8, \
          100.0 * COALESCE($8::int8, p.items_done) / NULLIF(COALESCE($9::int8, p.items_total), 0), \
-         CASE WHEN $6 = 'completed' THEN 100.0 END, p.progress_percent))), \
+         CASE WHEN $6 = 'completed' THEN 100.0 END, p.progress_percent) AS v) AS pct \
+         WHERE v IS NOT NULL), \
      items_done = COALESCE($8::int8, p.items_done), \
      items_total = COALESCE($9::int8, p.items_total), \
      started_at = COALESCE(p.started_at, CASE WHEN COALESCE($6, p.status) <> 'pending' THEN $10::timestamptz END), \
@@ -732,51 +736,49 @@ async fn insert_metrics(
     Ok(())
 }
 
-/// Folds successive updates of the same node: a newer (or equally new, later) update overlays
-/// the fields it carries; an older one is dropped, as the database would drop it.
+/// Folds successive updates of the same node without changing what applying them one by one
+/// would leave in the table. An update older than the newest one kept for its node is dropped,
+/// as the database would drop it. A newer (or equally new, later) update replaces the kept one
+/// when it sets every field the kept one sets, since then nothing of the kept one could
+/// survive it; otherwise both are kept, in order. Overlaying the two instead would be wrong
+/// when the stored row is newer than the first: the database refuses the first update, yet its
+/// fields would arrive with the second.
 pub fn collapse_progress(rows: &[ProgressRow]) -> Vec<ProgressRow> {
     let mut out: Vec<ProgressRow> = Vec::new();
     let mut index: HashMap<(Uuid, String), usize> = HashMap::new();
     for r in rows {
         let key = (r.experiment_id, r.update.node_id.clone());
         match index.get(&key) {
-            None => {
+            Some(&i) if r.updated_at < out[i].updated_at => {}
+            Some(&i) if supersedes(&r.update, &out[i].update) => out[i] = r.clone(),
+            _ => {
                 index.insert(key, out.len());
                 out.push(r.clone());
-            }
-            Some(&i) => {
-                let cur = &mut out[i];
-                if r.updated_at < cur.updated_at {
-                    continue;
-                }
-                let u = &r.update;
-                let c = &mut cur.update;
-                macro_rules! overlay {
-                    ($($f:ident),*) => { $( if u.$f.is_some() { c.$f = u.$f.clone(); } )* };
-                }
-                overlay!(
-                    parent_node_id,
-                    level,
-                    name,
-                    status,
-                    percent,
-                    items_done,
-                    items_total
-                );
-                if let Some(d) = &u.details {
-                    c.details = Some(match (c.details.take(), d) {
-                        (Some(Value::Object(mut a)), Value::Object(b)) => {
-                            a.extend(b.clone());
-                            Value::Object(a)
-                        }
-                        _ => d.clone(),
-                    });
-                }
-                cur.updated_at = r.updated_at;
             }
         }
     }
     out
+}
+
+/// Whether applying `new` after `old` leaves nothing that `old` set: every field `old` sets,
+/// `new` sets too (for `details`, every key).
+fn supersedes(new: &ProgressUpdate, old: &ProgressUpdate) -> bool {
+    fn covers<T>(new: &Option<T>, old: &Option<T>) -> bool {
+        old.is_none() || new.is_some()
+    }
+    let details = match (&new.details, &old.details) {
+        (_, None) => true,
+        (Some(Value::Object(n)), Some(Value::Object(o))) => o.keys().all(|k| n.contains_key(k)),
+        _ => false,
+    };
+    details
+        && covers(&new.parent_node_id, &old.parent_node_id)
+        && covers(&new.level, &old.level)
+        && covers(&new.name, &old.name)
+        && covers(&new.status, &old.status)
+        && covers(&new.percent, &old.percent)
+        && covers(&new.items_done, &old.items_done)
+        && covers(&new.items_total, &old.items_total)
 }
 
 async fn upsert_progress(

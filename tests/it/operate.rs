@@ -276,7 +276,9 @@ fn hostile_text_is_stored_intact_never_executed() {
 
 #[test]
 fn demo_runs_end_to_end_and_cleans_up() {
-    let out = pipewatch_cmd(&["demo", "--duration", "14s"]).output().unwrap();
+    let out = pipewatch_cmd(&["demo", "--duration", "14s"])
+        .output()
+        .unwrap();
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     for want in [
@@ -294,7 +296,10 @@ fn demo_runs_end_to_end_and_cleans_up() {
         "clusterer",
         "explore further",
     ] {
-        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}\n{stderr}");
+        assert!(
+            stdout.contains(want),
+            "missing {want:?} in:\n{stdout}\n{stderr}"
+        );
     }
     // The simulated daemon is gone.
     let pid = stdout
@@ -302,5 +307,8 @@ fn demo_runs_end_to_end_and_cleans_up() {
         .find_map(|l| l.split("started (pid ").nth(1))
         .and_then(|s| s.trim_end_matches(')').parse::<i32>().ok())
         .expect("the demo names the daemon's pid");
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "daemon {pid} still running");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "daemon {pid} still running"
+    );
 }

@@ -120,9 +120,7 @@ fn bad_input_corpus_ships_every_complete_non_blank_line_with_the_reason() {
     );
     // Nothing was set aside.
     assert_eq!(
-        env.count(
-            "SELECT count(*) FROM pipeline_events WHERE event_type = 'record_quarantined'"
-        ),
+        env.count("SELECT count(*) FROM pipeline_events WHERE event_type = 'record_quarantined'"),
         0
     );
     assert_eq!(
@@ -241,6 +239,318 @@ fn context_precedence_record_then_path_then_daemon_default() {
             format!("not a uuid|{EXP_B}|node9|-|{{\"experiment_id\": \"exp-42\"}}"),
             format!("own|{EXP_A}|node9|-|{{}}"),
             format!("top wins|{EXP_B}|top|-|{{\"node_id\": \"ctx\"}}"),
+        ]
+    );
+}
+
+/// A JSON line at second `sec` of 2024-05-01 12:00 carrying a `progress` object.
+fn progress_line(sec: u32, progress: &str) -> String {
+    format!(
+        r#"{{"event": "progress at {sec}", "timestamp": "2024-05-01T12:00:{sec:02}Z", "progress": {progress}}}"#
+    )
+}
+
+/// The progress rows of `EXP_A`: node, parent, level, status, percent, items done/total.
+fn progress_rows(env: &Env) -> Vec<String> {
+    rows(
+        env,
+        &format!(
+            "SELECT node_id, coalesce(parent_node_id, '-'), level, status, coalesce(progress_percent::numeric(5,2)::text, '-'), \
+             coalesce(items_done::text, '-'), coalesce(items_total::text, '-') \
+             FROM pipeline_progress WHERE experiment_id = '{EXP_A}' ORDER BY node_id"
+        ),
+    )
+}
+
+fn progress_cfg(env: &Env) -> std::path::PathBuf {
+    env.config(&format!(
+        "[daemons.prog]\nlogs = [\"$DIR/*.jsonl\"]\nexperiment_id = \"{EXP_A}\"\n"
+    ))
+}
+
+#[test]
+fn progress_objects_build_a_tree_that_the_trigger_aggregates() {
+    let env = Env::new();
+    let log = env.path("prog.jsonl");
+    append(
+        &log,
+        &[
+            progress_line(
+                0,
+                r#"{"node_id": "pipe", "level": "pipeline", "name": "Pipeline", "status": "running"}"#,
+            ),
+            progress_line(
+                1,
+                r#"{"node_id": "ph1", "parent_node_id": "pipe", "level": "phase", "status": "running"}"#,
+            ),
+            progress_line(
+                1,
+                r#"{"node_id": "ph2", "parent_node_id": "pipe", "level": "phase", "status": "pending"}"#,
+            ),
+            progress_line(
+                2,
+                r#"{"node_id": "s1", "parent_node_id": "ph1", "level": "step", "items_done": 50, "items_total": 200}"#,
+            ),
+            progress_line(
+                3,
+                r#"{"node_id": "s2", "parent_node_id": "ph1", "level": "step", "status": "completed"}"#,
+            ),
+            progress_line(
+                4,
+                r#"{"node_id": "s3", "parent_node_id": "ph2", "level": "step", "status": "pending"}"#,
+            ),
+        ],
+    );
+    let cfg = progress_cfg(&env);
+    env.run_once_ok(&cfg);
+    assert_eq!(
+        progress_rows(&env),
+        [
+            "ph1|pipe|phase|running|62.50|-|-",
+            "ph2|pipe|phase|pending|0.00|-|-",
+            "pipe|-|pipeline|running|31.25|-|-",
+            "s1|ph1|step|running|25.00|50|200",
+            "s2|ph1|step|completed|100.00|-|-",
+            "s3|ph2|step|pending|-|-|-",
+        ]
+    );
+    // Every progress record is also a log record.
+    assert_eq!(
+        env.count("SELECT count(*) FROM pipeline_logs WHERE daemon = 'prog'"),
+        6
+    );
+    // The step finishes, then the other phase's step fails: failure walks up to the root.
+    append(
+        &log,
+        &[
+            progress_line(5, r#"{"node_id": "s1", "items_done": 200}"#),
+            progress_line(6, r#"{"node_id": "s1", "status": "completed"}"#),
+            progress_line(7, r#"{"node_id": "s3", "status": "failed", "percent": 10}"#),
+        ],
+    );
+    env.run_once_ok(&cfg);
+    assert_eq!(
+        progress_rows(&env),
+        [
+            "ph1|pipe|phase|completed|100.00|-|-",
+            "ph2|pipe|phase|failed|10.00|-|-",
+            "pipe|-|pipeline|failed|55.00|-|-",
+            "s1|ph1|step|completed|100.00|200|200",
+            "s2|ph1|step|completed|100.00|-|-",
+            "s3|ph2|step|failed|10.00|-|-",
+        ]
+    );
+}
+
+#[test]
+fn an_older_progress_update_never_overwrites_a_newer_one() {
+    let env = Env::new();
+    let log = env.path("prog.jsonl");
+    let cfg = progress_cfg(&env);
+    append(
+        &log,
+        &[
+            progress_line(
+                10,
+                r#"{"node_id": "s1", "level": "step", "items_done": 100, "items_total": 200}"#,
+            ),
+            // Older: ignored, within the same file and run.
+            progress_line(5, r#"{"node_id": "s1", "items_done": 20}"#),
+            // Equal times: the later line wins.
+            progress_line(20, r#"{"node_id": "s1", "items_done": 120}"#),
+            progress_line(20, r#"{"node_id": "s1", "items_done": 140}"#),
+        ],
+    );
+    env.run_once_ok(&cfg);
+    assert_eq!(progress_rows(&env), ["s1|-|step|running|70.00|140|200"]);
+    let updated = || {
+        env.sql(&format!(
+            "SELECT to_char(updated_at AT TIME ZONE 'UTC', 'HH24:MI:SS') FROM pipeline_progress \
+             WHERE experiment_id = '{EXP_A}' AND node_id = 's1'"
+        ))
+    };
+    assert_eq!(updated(), "12:00:20");
+    // Older again, in a later run: ignored too.
+    append(
+        &log,
+        &[progress_line(
+            15,
+            r#"{"node_id": "s1", "items_done": 10, "status": "failed"}"#,
+        )],
+    );
+    env.run_once_ok(&cfg);
+    assert_eq!(progress_rows(&env), ["s1|-|step|running|70.00|140|200"]);
+    assert_eq!(updated(), "12:00:20");
+    // Equal to the stored time, in a later run: the later line wins.
+    append(
+        &log,
+        &[progress_line(20, r#"{"node_id": "s1", "items_done": 150}"#)],
+    );
+    env.run_once_ok(&cfg);
+    assert_eq!(progress_rows(&env), ["s1|-|step|running|75.00|150|200"]);
+    assert_eq!(
+        env.count("SELECT count(*) FROM pipeline_logs WHERE daemon = 'prog'"),
+        6
+    );
+}
+
+#[test]
+fn an_older_progress_update_is_not_applied_when_a_newer_one_follows_it_in_the_same_batch() {
+    let env = Env::new();
+    let log = env.path("prog.jsonl");
+    let cfg = progress_cfg(&env);
+    append(
+        &log,
+        &[progress_line(
+            20,
+            r#"{"node_id": "s1", "level": "step", "items_done": 100, "items_total": 200}"#,
+        )],
+    );
+    env.run_once_ok(&cfg);
+    // In one batch: an update older than the stored row, then a newer one that says less.
+    append(
+        &log,
+        &[
+            progress_line(
+                10,
+                r#"{"node_id": "s1", "status": "failed", "items_total": 1000}"#,
+            ),
+            progress_line(30, r#"{"node_id": "s1", "items_done": 150}"#),
+        ],
+    );
+    env.run_once_ok(&cfg);
+    assert_eq!(progress_rows(&env), ["s1|-|step|running|75.00|150|200"]);
+}
+
+#[test]
+fn a_progress_node_without_a_percent_is_not_stored_as_100_percent() {
+    let env = Env::new();
+    append(
+        &env.path("prog.jsonl"),
+        &[
+            progress_line(
+                1,
+                r#"{"node_id": "queued", "level": "step", "status": "pending"}"#,
+            ),
+            progress_line(
+                2,
+                r#"{"node_id": "busy", "level": "step", "status": "running"}"#,
+            ),
+            progress_line(3, r#"{"node_id": "busy", "name": "Busy step"}"#),
+        ],
+    );
+    env.run_once_ok(&progress_cfg(&env));
+    assert_eq!(
+        progress_rows(&env),
+        ["busy|-|step|running|-|-|-", "queued|-|step|pending|-|-|-"]
+    );
+}
+
+#[test]
+fn event_records_land_in_events_and_in_logs() {
+    let env = Env::new();
+    append(
+        &env.path("ev.jsonl"),
+        &[
+            format!(
+                r#"{{"event": "checkpoint saved", "event_type": "checkpoint_saved", "severity": "info", "details": {{"path": "/data/ck1", "bytes": 1024}}, "timestamp": "2024-05-01T12:00:00Z", "experiment_id": "{EXP_A}", "node_id": "n1"}}"#
+            ),
+            r#"{"message": "disk almost full", "event_type": "disk_warning", "severity": "WARNING", "details": 97, "timestamp": "2024-05-01T12:00:01Z"}"#.to_string(),
+            r#"{"event": "not an event", "event_type": 5}"#.to_string(),
+        ],
+    );
+    let cfg = env.config("[daemons.ev]\nlogs = [\"$DIR/*.jsonl\"]\n");
+    env.run_once_ok(&cfg);
+    assert_eq!(
+        rows(
+            &env,
+            "SELECT to_char(ts AT TIME ZONE 'UTC', 'HH24:MI:SS'), coalesce(experiment_id::text, '-'), \
+             coalesce(node_id, '-'), event_type, severity, message, details::text, host \
+             FROM pipeline_events WHERE daemon = 'ev' ORDER BY ts"
+        ),
+        [
+            format!(r#"12:00:00|{EXP_A}|n1|checkpoint_saved|INFO|checkpoint saved|{{"path": "/data/ck1", "bytes": 1024}}|test-host"#),
+            r#"12:00:01|-|-|disk_warning|WARNING|disk almost full|{"value": 97}|test-host"#.to_string(),
+        ]
+    );
+    assert_eq!(
+        rows(
+            &env,
+            "SELECT level, message, context::text FROM pipeline_logs WHERE daemon = 'ev' ORDER BY id"
+        ),
+        [
+            "INFO|checkpoint saved|{}",
+            "WARNING|disk almost full|{}",
+            r#"INFO|not an event|{"event_type": 5}"#,
+        ]
+    );
+}
+
+#[test]
+fn text_lines_with_a_traceback_become_one_record_each() {
+    let env = Env::new();
+    append(
+        &env.path("app.log"),
+        &[
+            "2024-05-01 12:00:00,123 INFO geo.cluster: starting".to_string(),
+            "2024-05-01 12:00:01,000 ERROR geo.cluster: tile failed".to_string(),
+            "Traceback (most recent call last):".to_string(),
+            r#"  File "c.py", line 3, in run"#.to_string(),
+            "    do()".to_string(),
+            "ValueError: bad tile".to_string(),
+            "2024-05-01 12:00:02,000 WARNING geo.io: continuing".to_string(),
+        ],
+    );
+    let cfg = env.config(
+        "[daemons.txt]\nlogs = [\"$DIR/*.log\"]\nformat = \"text\"\n\
+         text_pattern = '^(?P<ts>\\S+ \\S+) (?P<level>[A-Z]+) (?P<logger>\\S+): (?P<message>.*)$'\n",
+    );
+    env.run_once_ok(&cfg);
+    assert_eq!(
+        rows(
+            &env,
+            "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS'), level, logger, message, \
+             replace(coalesce(traceback, '-'), E'\\n', '\\n'), context::text \
+             FROM pipeline_logs WHERE daemon = 'txt' ORDER BY id"
+        ),
+        [
+            "2024-05-01 12:00:00.123|INFO|geo.cluster|starting|-|{}",
+            r#"2024-05-01 12:00:01.000|ERROR|geo.cluster|tile failed|Traceback (most recent call last):\n  File "c.py", line 3, in run\n    do()\nValueError: bad tile|{}"#,
+            "2024-05-01 12:00:02.000|WARNING|geo.io|continuing|-|{}",
+        ]
+    );
+}
+
+#[test]
+fn once_takes_one_metrics_sample_per_daemon_with_its_latest_experiment() {
+    let env = Env::new();
+    append(
+        &env.path("a.jsonl"),
+        &[
+            format!(r#"{{"event": "first", "experiment_id": "{EXP_A}"}}"#),
+            format!(r#"{{"event": "second", "experiment_id": "{EXP_B}", "node_id": "nb"}}"#),
+            r#"{"event": "third, without one"}"#.to_string(),
+        ],
+    );
+    append(&env.path("b.log"), &[r#"{"event": "b"}"#.to_string()]);
+    let cfg = env.config(&format!(
+        "[daemons.alpha]\nlogs = [\"$DIR/*.jsonl\"]\n\n\
+         [daemons.beta]\nlogs = [\"$DIR/*.log\"]\nexperiment_id = \"{EXP_C}\"\n\n\
+         [daemons.gamma]\nlogs = [\"$DIR/*.none\"]\n"
+    ));
+    env.run_once_ok(&cfg);
+    // The experiment is the latest one seen; the node is the last record's (it has none).
+    assert_eq!(
+        rows(
+            &env,
+            "SELECT daemon, coalesce(experiment_id::text, '-'), coalesce(node_id, '-'), \
+             CASE WHEN pid IS NULL THEN '-' ELSE 'pid' END, host FROM pipeline_metrics ORDER BY daemon"
+        ),
+        [
+            format!("alpha|{EXP_B}|-|-|test-host"),
+            format!("beta|{EXP_C}|-|-|test-host"),
+            "gamma|-|-|-|test-host".to_string(),
+            "pipewatch|-|-|pid|test-host".to_string(),
         ]
     );
 }
