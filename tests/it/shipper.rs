@@ -4,8 +4,6 @@
 use crate::support::agent::{append, append_bytes, json_line, wait_until, Env};
 use crate::support::pg;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 fn lines(range: std::ops::Range<usize>) -> Vec<String> {
@@ -116,16 +114,14 @@ enum Rotation {
     RenameDelete,
 }
 
-/// Writes `n` lines to `log`, rotating every `every` lines, with short pauses.
-fn writer(log: PathBuf, n: usize, every: usize, style: Rotation, stop: Arc<AtomicBool>) {
+/// Writes lines `from..n` to `log` 25 at a time with short pauses, rotating after about every
+/// `every` lines.
+fn writer(log: PathBuf, from: usize, n: usize, every: usize, style: Rotation) {
     let mut gen = 0;
-    for start in (0..n).step_by(25) {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
+    for start in (from..n).step_by(25) {
         let end = (start + 25).min(n);
         append(&log, &lines(start..end));
-        if end % every == 0 && end < n {
+        if end % every < 25 && end < n {
             gen += 1;
             rotate(&log, gen, style);
         }
@@ -177,26 +173,10 @@ fn rotation_case(style: Rotation, glob: &str) {
     let cfg = env.config(&daemon_cfg("app", glob));
     let agent = env.spawn(&cfg);
     let n = 3000;
-    let stop = Arc::new(AtomicBool::new(false));
     // The first line is already written.
     let w = {
         let log = log.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut gen = 0;
-            for start in (1..n).step_by(25) {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let end = (start + 25).min(n);
-                append(&log, &lines(start..end));
-                if end % 500 < 25 && end < n {
-                    gen += 1;
-                    rotate(&log, gen, style);
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
+        std::thread::spawn(move || writer(log, 1, n, 500, style))
     };
     w.join().unwrap();
     let done = wait_until(Duration::from_secs(30), || {
@@ -245,10 +225,9 @@ fn sigkill_at_random_moments_then_restart_loses_and_duplicates_nothing() {
     let log = env.path("logs/app.jsonl");
     let cfg = env.config(&daemon_cfg("app", "$DIR/logs/app.jsonl*"));
     let n = 6000;
-    let stop = Arc::new(AtomicBool::new(false));
     let w = {
-        let (log, stop) = (log.clone(), stop.clone());
-        std::thread::spawn(move || writer(log, n, 1500, Rotation::RenameCreate, stop))
+        let log = log.clone();
+        std::thread::spawn(move || writer(log, 0, n, 1500, Rotation::RenameCreate))
     };
     // Pseudo-random kill delays, fixed per run for reproducibility.
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
