@@ -179,18 +179,23 @@ fn rotation_case(style: Rotation, glob: &str) {
         std::thread::spawn(move || writer(log, 1, n, 500, style))
     };
     w.join().unwrap();
+    settle_and_judge(&env, agent, n);
+}
+
+/// Waits for `n` rows of daemon `app`, gives a duplicate time to show up, stops the agent with
+/// SIGTERM (exit 0) and asserts every line landed exactly once.
+fn settle_and_judge(env: &Env, agent: crate::support::agent::Agent, n: usize) {
     let done = wait_until(Duration::from_secs(30), || {
         env.count("SELECT count(*) FROM pipeline_logs WHERE daemon = 'app'") >= n as i64
     });
-    // Let anything extra (a duplicate) arrive before judging.
     std::thread::sleep(Duration::from_millis(700));
     let (code, _, stderr) = agent.terminate();
-    assert!(done, "not all lines arrived ({style:?}):\n{stderr}");
+    assert!(done, "not all lines arrived:\n{stderr}");
     assert_eq!(code, Some(0), "{stderr}");
     if env.count("SELECT count(*) FROM pipeline_logs") != n as i64 {
         eprintln!("{stderr}");
     }
-    assert_exactly(&env, "app", n);
+    assert_exactly(env, "app", n);
 }
 
 #[test]
@@ -241,14 +246,7 @@ fn sigkill_at_random_moments_then_restart_loses_and_duplicates_nothing() {
     }
     w.join().unwrap();
     let agent = env.spawn(&cfg);
-    let done = wait_until(Duration::from_secs(30), || {
-        env.count("SELECT count(*) FROM pipeline_logs WHERE daemon = 'app'") >= n as i64
-    });
-    std::thread::sleep(Duration::from_millis(700));
-    let (code, _, stderr) = agent.terminate();
-    assert!(done, "not all lines arrived:\n{stderr}");
-    assert_eq!(code, Some(0));
-    assert_exactly(&env, "app", n);
+    settle_and_judge(&env, agent, n);
 }
 
 #[test]
