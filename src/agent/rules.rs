@@ -566,6 +566,27 @@ fn conv_severity(s: &str) -> Result<Level, String> {
 /// A compile-time check of a literal text value.
 type TextCheck = fn(&str) -> Result<String, String>;
 
+/// Compiles a string template; when it is a literal (no placeholders), `check` must accept it.
+fn template_val(
+    p: &mut Problems<'_>,
+    key: &str,
+    s: &str,
+    re: Option<&Regex>,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Option<Val> {
+    let checked = Template::parse(s, re).and_then(|t| match t.literal().map(&check) {
+        Some(Err(e)) => Err(e),
+        _ => Ok(t),
+    });
+    match checked {
+        Ok(t) => Some(Val::Text(t)),
+        Err(e) => {
+            p.push(key, Some(quote(s)), e);
+            None
+        }
+    }
+}
+
 /// Compiles one table value that must be a string template (numbers are taken as text).
 fn text_val(
     p: &mut Problems<'_>,
@@ -575,21 +596,10 @@ fn text_val(
     check: Option<TextCheck>,
 ) -> Option<Val> {
     match v {
-        toml::Value::String(s) => match Template::parse(s, re) {
-            Ok(t) => {
-                if let (Some(check), Some(lit)) = (check, t.literal()) {
-                    if let Err(e) = check(lit) {
-                        p.push(key, Some(quote(s)), e);
-                        return None;
-                    }
-                }
-                Some(Val::Text(t))
-            }
-            Err(e) => {
-                p.push(key, Some(quote(s)), e);
-                None
-            }
-        },
+        toml::Value::String(s) => template_val(p, key, s, re, |lit| match check {
+            Some(check) => check(lit).map(drop),
+            None => Ok(()),
+        }),
         toml::Value::Integer(_) | toml::Value::Float(_) if check.is_none() => {
             let text = toml_text(v);
             Some(Val::Text(Template {
@@ -623,21 +633,7 @@ fn number_val(
                 }
             }
         }
-        toml::Value::String(s) => match Template::parse(s, re) {
-            Ok(t) => {
-                if let Some(lit) = t.literal() {
-                    if let Err(e) = check(lit) {
-                        p.push(key, Some(quote(s)), e);
-                        return None;
-                    }
-                }
-                Some(Val::Text(t))
-            }
-            Err(e) => {
-                p.push(key, Some(quote(s)), e);
-                None
-            }
-        },
+        toml::Value::String(s) => template_val(p, key, s, re, |lit| check(lit).map(drop)),
         other => {
             p.push(
                 key,
