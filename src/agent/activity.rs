@@ -44,8 +44,12 @@ pub struct ProgressActivity {
 #[derive(Debug, Clone, Default)]
 pub struct FileActivity {
     pub daemon: String,
-    /// Bytes between the read position and the file's size at the last check.
+    /// Bytes between the committed position and the file's size at the last check.
     pub lag_bytes: u64,
+    /// The file's size at the last check (set by its reader).
+    pub size: u64,
+    /// The last committed position (set by the sink).
+    pub committed: u64,
     pub last_commit_at: Option<DateTime<Utc>>,
 }
 
@@ -65,6 +69,8 @@ pub struct Activity {
     pub daemons: HashMap<String, DaemonActivity>,
     pub files: HashMap<String, FileActivity>,
     pub agent: AgentCounters,
+    /// Log files and directories that cannot be read, with the error (retried meanwhile).
+    pub unreadable: std::collections::BTreeMap<String, String>,
 }
 
 /// The shared handle.

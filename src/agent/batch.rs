@@ -20,9 +20,25 @@ pub struct Checkpoint {
     pub path: String,
     /// Byte offset after the last line whose rows are in the same batch.
     pub position: u64,
+    /// Checksum of the first bytes of the file up to `position` (see `identity`).
+    pub head_hash: Option<String>,
     pub tail_hash: Option<String>,
     /// Sticky rule values in force at `position`.
     pub sticky: Value,
+}
+
+impl Checkpoint {
+    /// The position as the reader's catalog keeps it.
+    pub fn mark(&self) -> crate::agent::identity::Mark {
+        crate::agent::identity::Mark {
+            key: self.fingerprint.clone(),
+            path: self.path.clone(),
+            position: self.position,
+            head_hash: self.head_hash.clone(),
+            tail_hash: self.tail_hash.clone(),
+            sticky: self.sticky.clone(),
+        }
+    }
 }
 
 /// What readers send: the rows of consecutive records of one file and the position after them.
@@ -35,8 +51,10 @@ pub struct FileChunk {
     pub checkpoint: Checkpoint,
 }
 
-/// One message to the batcher.
+/// One message to the batcher. Chunks are nearly every message: boxing them would cost an
+/// allocation each for nothing.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Item {
     Chunk(FileChunk),
     /// Rows that belong to no file: metrics and the agent's own events.
@@ -182,6 +200,7 @@ mod tests {
                 fingerprint: fp.into(),
                 path: "/p".into(),
                 position: pos,
+                head_hash: None,
                 tail_hash: None,
                 sticky: Value::Null,
             },

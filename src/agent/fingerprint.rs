@@ -73,6 +73,11 @@ pub fn hash_tail_bytes(bytes: &[u8]) -> String {
 /// offset `buf_start` and `carry` holds the bytes just before it. `None` when `end` is outside
 /// what is in hand. Reading the file again instead would race with truncation.
 pub fn window_tail_hash(carry: &[u8], buf: &[u8], buf_start: u64, end: u64) -> Option<String> {
+    window_tail_fnv(carry, buf, buf_start, end).map(|h| format!("{h:016x}"))
+}
+
+/// [`window_tail_hash`] as a number (no allocation when the bytes lie within `buf`).
+pub fn window_tail_fnv(carry: &[u8], buf: &[u8], buf_start: u64, end: u64) -> Option<u64> {
     let buf_end = buf_start + buf.len() as u64;
     if end < buf_start || end > buf_end {
         return None;
@@ -80,7 +85,7 @@ pub fn window_tail_hash(carry: &[u8], buf: &[u8], buf_start: u64, end: u64) -> O
     let start = end.saturating_sub(TAIL_BYTES);
     let rel_end = (end - buf_start) as usize;
     if start >= buf_start {
-        return Some(hash_tail_bytes(&buf[(start - buf_start) as usize..rel_end]));
+        return Some(fnv1a(&buf[(start - buf_start) as usize..rel_end]));
     }
     let from_carry = (buf_start - start) as usize;
     if from_carry > carry.len() {
@@ -88,7 +93,7 @@ pub fn window_tail_hash(carry: &[u8], buf: &[u8], buf_start: u64, end: u64) -> O
     }
     let mut bytes = carry[carry.len() - from_carry..].to_vec();
     bytes.extend_from_slice(&buf[..rel_end]);
-    Some(hash_tail_bytes(&bytes))
+    Some(fnv1a(&bytes))
 }
 
 /// Whether a file's leading bytes say it is compressed (gzip, zstd, bzip2, xz, lz4, zip).

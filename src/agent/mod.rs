@@ -8,6 +8,7 @@ pub mod activity;
 pub mod batch;
 pub mod copyrow;
 pub mod fingerprint;
+pub mod identity;
 pub mod lines;
 pub mod metrics;
 pub mod parse;
@@ -50,6 +51,8 @@ pub struct Summary {
     pub records_shipped: u64,
     pub records_quarantined: u64,
     pub batches: u64,
+    /// Log files and directories that could not be read, with the error.
+    pub unreadable: Vec<(String, String)>,
 }
 
 /// Runs the agent until `stop` is cancelled (or, with `once`, until every file is shipped).
@@ -170,6 +173,10 @@ pub async fn run(
         records_shipped: counters.records_shipped,
         records_quarantined: counters.records_quarantined,
         batches: counters.batches_committed,
+        unreadable: activity
+            .lock()
+            .map(|a| a.unreadable.clone().into_iter().collect())
+            .unwrap_or_default(),
     };
     if result.is_ok() {
         let reason = if once { "backfill complete" } else { "signal" };

@@ -63,12 +63,15 @@ const UPSERT_PROGRESS: &str = "INSERT INTO pipeline_progress AS p (experiment_id
 
 const UPSERT_CHECKPOINTS: &str =
     "INSERT INTO pipewatch_checkpoints (host, daemon, fingerprint, path, \
-     position, tail_hash, sticky, updated_at) \
-     SELECT $1, d, f, p, pos, th, st, now() FROM unnest($2::text[], $3::text[], $4::text[], \
-     $5::int8[], $6::text[], $7::jsonb[]) AS u(d, f, p, pos, th, st) \
+     position, head_hash, tail_hash, sticky, updated_at) \
+     SELECT $1, d, f, p, pos, hh, th, st, now() FROM unnest($2::text[], $3::text[], $4::text[], \
+     $5::int8[], $6::text[], $7::text[], $8::jsonb[]) AS u(d, f, p, pos, hh, th, st) \
      ON CONFLICT (host, daemon, fingerprint) DO UPDATE SET path = EXCLUDED.path, \
-     position = EXCLUDED.position, tail_hash = EXCLUDED.tail_hash, sticky = EXCLUDED.sticky, \
-     updated_at = now()";
+     position = EXCLUDED.position, head_hash = EXCLUDED.head_hash, \
+     tail_hash = EXCLUDED.tail_hash, sticky = EXCLUDED.sticky, updated_at = now()";
+
+const LOAD_CHECKPOINTS: &str = "SELECT fingerprint, path, position, head_hash, tail_hash, sticky \
+     FROM pipewatch_checkpoints WHERE host = $1 AND daemon = $2 ORDER BY updated_at";
 
 const UPSERT_AGENT: &str = "INSERT INTO pipewatch_agents AS a (agent_id, host, daemons, version, \
      started_at, last_commit_at, last_batch_id, records_shipped, records_quarantined, details) \
@@ -252,7 +255,7 @@ impl Sink {
     ) -> Result<Vec<crate::agent::tail::StoredCheckpoint>, SinkError> {
         let host = self.host.clone();
         let client = self.client().await.map_err(|f| SinkError::Schema(f.text))?;
-        crate::agent::supervisor::load_checkpoints(client, &host, daemon)
+        load_checkpoints(client, &host, daemon)
             .await
             .map_err(|e| SinkError::Schema(schema_hint(&describe(&e))))
     }
@@ -418,6 +421,8 @@ impl Sink {
             for cp in &batch.checkpoints {
                 if let Some(f) = a.files.get_mut(&cp.path) {
                     f.last_commit_at = Some(now);
+                    f.committed = cp.position;
+                    f.lag_bytes = f.size.saturating_sub(cp.position);
                 }
             }
         }
@@ -431,6 +436,7 @@ impl Sink {
                 "lag_bytes": a.files.values().map(|f| f.lag_bytes).sum::<u64>(),
                 "reconnects": a.agent.reconnects,
                 "pid": std::process::id(),
+                "unreadable": a.unreadable,
             }),
             Err(_) => json!({}),
         }
@@ -849,11 +855,35 @@ async fn upsert_checkpoints(
     let f: Vec<&str> = cps.iter().map(|c| c.fingerprint.as_str()).collect();
     let p: Vec<&str> = cps.iter().map(|c| c.path.as_str()).collect();
     let pos: Vec<i64> = cps.iter().map(|c| c.position as i64).collect();
+    let hh: Vec<Option<&str>> = cps.iter().map(|c| c.head_hash.as_deref()).collect();
     let th: Vec<Option<&str>> = cps.iter().map(|c| c.tail_hash.as_deref()).collect();
     let st: Vec<&Value> = cps.iter().map(|c| &c.sticky).collect();
-    tx.execute(UPSERT_CHECKPOINTS, &[&host, &d, &f, &p, &pos, &th, &st])
-        .await?;
+    tx.execute(
+        UPSERT_CHECKPOINTS,
+        &[&host, &d, &f, &p, &pos, &hh, &th, &st],
+    )
+    .await?;
     Ok(())
+}
+
+/// A daemon's committed positions, oldest first.
+pub async fn load_checkpoints(
+    client: &Client,
+    host: &str,
+    daemon: &str,
+) -> Result<Vec<crate::agent::identity::Mark>, tokio_postgres::Error> {
+    let rows = client.query(LOAD_CHECKPOINTS, &[&host, &daemon]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| crate::agent::identity::Mark {
+            key: r.get(0),
+            path: r.get(1),
+            position: r.get::<_, i64>(2).max(0) as u64,
+            head_hash: r.get(3),
+            tail_hash: r.get(4),
+            sticky: r.get(5),
+        })
+        .collect())
 }
 
 #[cfg(test)]

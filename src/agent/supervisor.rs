@@ -28,6 +28,10 @@ pub struct Supervisor {
     once: bool,
     max_records: usize,
     max_wait: std::time::Duration,
+    /// Files open at once, at most, for all readers together.
+    max_open_files: usize,
+    /// Every daemon in config order with its globs: a file two daemons match is the first's.
+    order: Vec<(String, Vec<glob::Pattern>)>,
     tx: mpsc::Sender<Item>,
     activity: SharedActivity,
     /// The agent's stop token; readers get child tokens.
@@ -62,6 +66,8 @@ impl Supervisor {
             once,
             max_records: config.batch.max_records,
             max_wait: config.batch.max_wait,
+            max_open_files: open_files_budget(config.agent.max_open_files),
+            order: glob_order(config),
             tx,
             activity,
             stop,
@@ -84,12 +90,21 @@ impl Supervisor {
             watch_globs(watcher, &daemon.logs);
         }
         let stop = self.stop.child_token();
+        let earlier = self
+            .order
+            .iter()
+            .take_while(|(name, _)| *name != daemon.name)
+            .cloned()
+            .collect();
+        let daemons = self.order.len().max(1);
         let setup = tail::ReaderSetup {
             daemon: Arc::new(daemon.clone()),
             host: self.host.clone(),
             once: self.once,
             max_records: self.max_records,
             max_wait: self.max_wait,
+            max_open_files: (self.max_open_files / daemons).max(4),
+            earlier,
             checkpoints,
             tx: self.tx.clone(),
             activity: self.activity.clone(),
@@ -157,6 +172,7 @@ impl Supervisor {
                 "changes to [database], [agent] or [batch] take effect at the next restart"
             );
         }
+        self.order = glob_order(new);
         let wanted: BTreeMap<&str, &DaemonConfig> =
             new.daemons.iter().map(|d| (d.name.as_str(), d)).collect();
         let mut to_start = Vec::new();
@@ -229,7 +245,7 @@ impl Supervisor {
         let client = crate::db::connect(target).await?;
         let mut loaded = Vec::new();
         for d in daemons {
-            loaded.push(load_checkpoints(&client, &self.host, &d.name).await?);
+            loaded.push(crate::agent::sink::load_checkpoints(&client, &self.host, &d.name).await?);
         }
         for (d, checkpoints) in daemons.iter().zip(loaded) {
             self.start(d, checkpoints);
@@ -238,29 +254,42 @@ impl Supervisor {
     }
 }
 
-/// A daemon's committed positions, oldest first.
-pub async fn load_checkpoints(
-    client: &tokio_postgres::Client,
-    host: &str,
-    daemon: &str,
-) -> Result<Vec<StoredCheckpoint>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT fingerprint, path, position, tail_hash, sticky FROM pipewatch_checkpoints \
-             WHERE host = $1 AND daemon = $2 ORDER BY updated_at",
-            &[&host, &daemon],
-        )
-        .await?;
-    Ok(rows
+/// Each daemon's name and compiled globs, in config order.
+fn glob_order(config: &Config) -> Vec<(String, Vec<glob::Pattern>)> {
+    config
+        .daemons
         .iter()
-        .map(|r| StoredCheckpoint {
-            fingerprint: r.get(0),
-            path: r.get(1),
-            position: r.get::<_, i64>(2).max(0) as u64,
-            tail_hash: r.get(3),
-            sticky: r.get(4),
+        .map(|d| {
+            let globs = d
+                .logs
+                .iter()
+                .filter_map(|g| glob::Pattern::new(g).ok())
+                .collect();
+            (d.name.clone(), globs)
         })
-        .collect())
+        .collect()
+}
+
+/// `max_open_files`, kept under the process's descriptor limit (with room for sockets).
+fn open_files_budget(configured: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    };
+    let usable = usize::try_from(soft)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(64)
+        .max(8);
+    if usable < configured {
+        tracing::warn!(configured, limit = soft, "max_open_files is above the open-files limit (LimitNOFILE); holding at most {usable} log files open");
+    }
+    configured.min(usable)
 }
 
 /// A watcher that wakes every reader on any event (a hint only), saying whether names

@@ -2,28 +2,33 @@
 //! splits, parses, applies rules, routes, and sends chunks of rows with the file position
 //! after them. The only module that opens log files.
 //!
-//! Handles files that appear later, rename+create and copytruncate rotation, deleted-but-open
-//! files, compressed files (never read) and identity by first-line checksum. Notify events are
-//! hints; a poll every [`POLL_INTERVAL`] is the truth.
+//! Which file is which and where to resume is decided by [`crate::agent::identity`]; this
+//! module does discovery (globs, rename and copytruncate rotation, deleted-but-open files,
+//! compressed files never read, files claimed by an earlier daemon), holds at most
+//! `max_open_files` open, and checks on every read that the bytes before the read position
+//! are still the bytes it read. Notify events are hints; a poll every [`POLL_INTERVAL`] is the
+//! truth.
 
 use crate::agent::activity::{FileActivity, ProgressActivity, SharedActivity};
 use crate::agent::batch::{Checkpoint, FileChunk, Item};
 use crate::agent::copyrow;
 use crate::agent::fingerprint::{
-    compressed_name, fingerprint, looks_compressed, tail_hash, window_tail_hash, TAIL_BYTES,
+    compressed_name, hash_tail_bytes, looks_compressed, tail_hash, window_tail_fnv,
+    window_tail_hash, TAIL_BYTES,
 };
+use crate::agent::identity::{self, content_moved, Anchors, Catalog, Mark, Resume, HEAD_BYTES};
 use crate::agent::lines::{Line, LineSplitter};
 use crate::agent::parse::{ParseOptions, Parser};
 use crate::agent::route::{path_captures, route, SourceContext};
 use crate::agent::rules::Sticky;
 use crate::config::{DaemonConfig, StartAt};
-use crate::model::Record;
+use crate::model::{EventRow, Level, Record};
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
-use std::collections::HashMap;
+use serde_json::{json, Map, Value};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +41,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 pub const ROTATED_GRACE: Duration = Duration::from_secs(2);
 /// How long an idle file at EOF stays open before it is let go (reopened when it grows).
 pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// How long a new file that is still a prefix of a file being read waits to be told apart
+/// (a copytruncate's copy: the original is truncated right after) after its last change.
+pub const COPY_WAIT: Duration = Duration::from_secs(10);
 /// How long a reader woken by a notify hint waits before reading: a tenth of `max_wait`, at
 /// most 50 ms, so a line still reaches the sink well within `max_wait`.
 fn wake_debounce(max_wait: Duration) -> Duration {
@@ -48,6 +56,8 @@ const UNREADABLE_RETRY: Duration = Duration::from_secs(30);
 const READ_BYTES: usize = 256 * 1024;
 /// Records per chunk sent to the batcher, at most.
 const CHUNK_RECORDS: usize = 1000;
+/// Encoded log bytes per chunk sent to the batcher, at most (a chunk holds at least one row).
+const CHUNK_BYTES: usize = 1024 * 1024;
 
 /// What a notify event says: file names changed (look for new files now), or only contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,14 +67,7 @@ pub enum Hint {
 }
 
 /// A position stored in `pipewatch_checkpoints`.
-#[derive(Debug, Clone)]
-pub struct StoredCheckpoint {
-    pub fingerprint: String,
-    pub path: String,
-    pub position: u64,
-    pub tail_hash: Option<String>,
-    pub sticky: Value,
-}
+pub type StoredCheckpoint = Mark;
 
 /// What a reader needs from the agent.
 pub struct ReaderSetup {
@@ -74,6 +77,10 @@ pub struct ReaderSetup {
     pub once: bool,
     pub max_records: usize,
     pub max_wait: Duration,
+    /// At most this many files open at once (the longest idle at EOF are let go first).
+    pub max_open_files: usize,
+    /// Daemons earlier in the config and their globs: a path one of them matches is theirs.
+    pub earlier: Vec<(String, Vec<glob::Pattern>)>,
     /// This daemon's committed positions, oldest first.
     pub checkpoints: Vec<StoredCheckpoint>,
     pub tx: mpsc::Sender<Item>,
@@ -83,28 +90,24 @@ pub struct ReaderSetup {
     pub wake: std::sync::mpsc::Receiver<Hint>,
 }
 
-/// What the reader knows of a position it has sent (committed or about to be).
-#[derive(Debug, Clone)]
-struct Position {
-    position: u64,
-    tail_hash: Option<String>,
-    sticky: Sticky,
-}
-
 /// Why discovery skips a path until it changes.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 enum Skip {
     /// Compressed: never read.
     Compressed,
-    /// Same first line as a file being read (a copy): looked at again when that one goes.
-    Duplicate,
+    /// Still a prefix of the file being read under this key: maybe a copy about to be
+    /// truncated. Looked at again when it changes, when that file ends, or after
+    /// [`COPY_WAIT`].
+    CopyOf(String),
     /// Let go while idle at EOF.
     Idle,
-    /// Could not be opened (permissions): said once, tried again when the file changes.
+    /// Could not be opened (permissions): said once, tried again now and then.
     Unreadable,
+    /// An earlier daemon's glob matches it: that daemon ships it.
+    Claimed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Seen {
     dev: u64,
     ino: u64,
@@ -120,7 +123,12 @@ struct Tracked {
     dev: u64,
     ino: u64,
     file: File,
-    fingerprint: String,
+    /// The lineage key its positions are committed under.
+    key: String,
+    /// The first (up to [`HEAD_BYTES`]) bytes of the file, as read.
+    head: Vec<u8>,
+    /// Recent line ends and the checksum before each.
+    anchors: Anchors,
     splitter: LineSplitter,
     parser: Parser,
     sticky: Sticky,
@@ -148,9 +156,13 @@ pub struct Reader {
     setup: ReaderSetup,
     files: Vec<Tracked>,
     seen: HashMap<PathBuf, Seen>,
-    positions: HashMap<String, Position>,
+    catalog: Catalog,
     /// Sticky values of the file last read at a path, inherited by the next file there.
     sticky_by_path: HashMap<String, Sticky>,
+    /// Paths whose failure was reported (once each, until they can be read again).
+    reported: HashSet<String>,
+    /// Files matched but not opened for lack of a free slot at the last discovery.
+    waiting_for_slot: usize,
     opts: ParseOptions,
     buf: Vec<u8>,
     lines: Vec<Line>,
@@ -167,20 +179,11 @@ enum Flow {
 
 impl Reader {
     pub fn new(setup: ReaderSetup) -> Reader {
-        let mut positions = HashMap::new();
         let mut sticky_by_path = HashMap::new();
         for cp in &setup.checkpoints {
-            let sticky = Sticky::from_json(&cp.sticky);
-            sticky_by_path.insert(cp.path.clone(), sticky.clone());
-            positions.insert(
-                cp.fingerprint.clone(),
-                Position {
-                    position: cp.position,
-                    tail_hash: cp.tail_hash.clone(),
-                    sticky,
-                },
-            );
+            sticky_by_path.insert(cp.path.clone(), Sticky::from_json(&cp.sticky));
         }
+        let catalog = Catalog::load(setup.checkpoints.clone());
         let opts = ParseOptions {
             format: setup.daemon.format,
             text_pattern: setup.daemon.text_pattern.clone(),
@@ -189,8 +192,10 @@ impl Reader {
             setup,
             files: Vec::new(),
             seen: HashMap::new(),
-            positions,
+            catalog,
             sticky_by_path,
+            reported: HashSet::new(),
+            waiting_for_slot: 0,
             opts,
             buf: vec![0; READ_BYTES],
             lines: Vec::new(),
@@ -228,7 +233,12 @@ impl Reader {
                     if self.flush_all(Duration::ZERO) == Flow::Closed {
                         return;
                     }
-                    break;
+                    if self.waiting_for_slot == 0 {
+                        break;
+                    }
+                    // More files than slots: let the finished ones go and open the next.
+                    self.let_go_finished();
+                    self.discover(true);
                 }
                 continue;
             }
@@ -252,6 +262,9 @@ impl Reader {
             // New files are looked for when names change (a file created or rotated), and
             // otherwise once per poll interval, the safety net for missed events.
             if names_changed || last_discover.elapsed() >= POLL_INTERVAL {
+                if self.waiting_for_slot > 0 {
+                    self.let_go_finished();
+                }
                 self.discover(false);
                 last_discover = Instant::now();
             }
@@ -281,25 +294,55 @@ impl Reader {
             }
         }
         self.check_replaced();
+        let mut found: Vec<(PathBuf, std::fs::Metadata)> = Vec::new();
+        let mut present: HashSet<(u64, u64)> = HashSet::new();
         for pattern in &daemon.logs {
             let paths = match glob::glob(pattern) {
                 Ok(p) => p,
                 Err(_) => continue,
             };
-            for path in paths.filter_map(Result::ok) {
-                self.consider(&path, startup);
+            for entry in paths {
+                match entry {
+                    Ok(path) => {
+                        if let Ok(m) = std::fs::metadata(&path) {
+                            if m.is_file() {
+                                present.insert((m.dev(), m.ino()));
+                                found.push((path, m));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let dir = e.path().to_string_lossy().into_owned();
+                        let error = e.error().to_string();
+                        self.cannot_read(&dir, &error, "cannot list a log directory");
+                    }
+                }
             }
+        }
+        for t in &self.files {
+            present.insert((t.dev, t.ino));
+        }
+        // Marks of files that are gone become orphans a copy may adopt; old ones are forgotten.
+        self.catalog.sweep(&|d, i| present.contains(&(d, i)));
+        self.seen.retain(|p, _| found.iter().any(|(f, _)| f == p));
+        // Files with a known position first, so a truncated file's old position is an orphan
+        // before the copy is considered.
+        found.sort_by_key(|(_, m)| !self.catalog.knows(m.dev(), m.ino()));
+        self.waiting_for_slot = 0;
+        for (path, meta) in found {
+            self.consider(&path, &meta, startup);
         }
     }
 
-    /// A file whose first line changed under the same handle was truncated and rewritten.
+    /// A file whose bytes before the read position changed under the same handle was
+    /// truncated and rewritten.
     fn check_replaced(&mut self) {
         let mut i = 0;
         while i < self.files.len() {
             let t = &self.files[i];
             let len = t.file.metadata().map(|m| m.len()).unwrap_or(0);
             let replaced = len < t.read_pos
-                || !matches!(fingerprint(&t.file), Ok(Some(fp)) if fp == t.fingerprint);
+                || content_moved(&t.file, t.read_pos, &t.head, &t.carry).unwrap_or(false);
             if replaced {
                 if self.replaced(i).is_err() {
                     return;
@@ -310,23 +353,85 @@ impl Reader {
         }
     }
 
-    /// Hands over what the parser holds, lets the file go and forgets why copies were skipped.
+    /// Hands over what the parser holds, lets the file go (its position becomes an orphan a
+    /// copy can adopt) and looks again at files that waited as its possible copies.
     fn truncated(&mut self, i: usize) -> Flow {
         let flow = self.flush_file(i);
         let t = self.files.remove(i);
         self.seen.remove(&t.path);
-        self.seen.retain(|_, s| s.skip != Skip::Duplicate);
+        self.seen
+            .retain(|_, s| !matches!(&s.skip, Skip::CopyOf(k) if *k == t.key));
+        self.catalog.ended(&t.key, t.head, t.anchors);
         flow
     }
 
-    fn consider(&mut self, path: &Path, startup: bool) {
+    /// Reports a file or directory that cannot be read: once, as a warning and an
+    /// `agent_error` event, and in the agent's activity (status, `run --once`'s exit code).
+    fn cannot_read(&mut self, path: &str, error: &str, what: &str) {
+        if let Ok(mut a) = self.setup.activity.lock() {
+            a.unreadable.insert(path.to_string(), error.to_string());
+        }
+        if !self.reported.insert(path.to_string()) {
+            return;
+        }
+        let user = current_user();
+        tracing::warn!(daemon = %self.setup.daemon.name, %path, %error, "{what}; retrying every {} s", UNREADABLE_RETRY.as_secs());
+        let message = format!(
+            "{what} {path}: {error} — the agent runs as {user}: add it to the file's group or \
+             grant it read access (setfacl -m u:{user}:r FILE, and X on the directories)"
+        );
+        let event = EventRow {
+            ts: Utc::now(),
+            experiment_id: self.setup.daemon.experiment_id,
+            node_id: None,
+            event_type: "agent_error".into(),
+            severity: Level::Error,
+            message: Some(message),
+            details: json!({"path": path, "error": error, "daemon": self.setup.daemon.name}),
+            host: self.setup.host.clone(),
+            daemon: self.setup.daemon.name.clone(),
+        };
+        let _ = self.setup.tx.blocking_send(Item::Rows {
+            metrics: Vec::new(),
+            events: vec![event],
+        });
+    }
+
+    fn readable_again(&mut self, path: &str) {
+        if self.reported.remove(path) {
+            tracing::info!(daemon = %self.setup.daemon.name, %path, "log file readable again");
+        }
+        if let Ok(mut a) = self.setup.activity.lock() {
+            a.unreadable.remove(path);
+        }
+    }
+
+    /// The daemon earlier in the config whose glob matches `path`, if any.
+    fn claimed_by(&self, path: &Path) -> Option<&str> {
+        self.setup
+            .earlier
+            .iter()
+            .find(|(_, globs)| globs.iter().any(|g| g.matches_path(path)))
+            .map(|(name, _)| name.as_str())
+    }
+
+    fn skip(&mut self, path: &Path, meta: &std::fs::Metadata, skip: Skip) {
+        self.seen.insert(
+            path.to_path_buf(),
+            Seen {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                len: meta.len(),
+                skip,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    fn consider(&mut self, path: &Path, meta: &std::fs::Metadata, startup: bool) {
         if compressed_name(path) {
             return;
         }
-        let meta = match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => m,
-            _ => return,
-        };
         let (dev, ino, len) = (meta.dev(), meta.ino(), meta.len());
         if let Some(t) = self.files.iter_mut().find(|t| t.dev == dev && t.ino == ino) {
             if t.path == path {
@@ -335,77 +440,98 @@ impl Reader {
             return;
         }
         if let Some(s) = self.seen.get(path) {
-            let unchanged = match s.skip {
-                Skip::Compressed => true,
+            let unchanged = match &s.skip {
+                Skip::Compressed | Skip::Claimed => true,
                 // Permissions may be fixed without the file changing: look again now and then.
                 Skip::Unreadable => s.at.elapsed() < UNREADABLE_RETRY,
-                Skip::Duplicate | Skip::Idle => s.len == len,
+                Skip::Idle => s.len == len,
+                Skip::CopyOf(_) => s.len == len && s.at.elapsed() < COPY_WAIT,
             };
             if s.dev == dev && s.ino == ino && unchanged {
                 return;
             }
         }
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "cannot open log file; will retry when it changes");
-                self.seen.insert(
-                    path.to_path_buf(),
-                    Seen {
-                        dev,
-                        ino,
-                        len,
-                        skip: Skip::Unreadable,
-                        at: Instant::now(),
-                    },
-                );
-                return;
-            }
-        };
-        if looks_compressed(&file) {
-            self.seen.insert(
-                path.to_path_buf(),
-                Seen {
-                    dev,
-                    ino,
-                    len,
-                    skip: Skip::Compressed,
-                    at: Instant::now(),
-                },
-            );
+        if let Some(owner) = self.claimed_by(path) {
+            tracing::warn!(daemon = %self.setup.daemon.name, path = %path.display(), %owner, "file matches the globs of two daemons; shipped by {owner}, the first in the config");
+            self.skip(path, meta, Skip::Claimed);
             return;
         }
-        let fp = match fingerprint(&file) {
-            Ok(Some(fp)) => fp,
-            _ => return,
-        };
-        if self.files.iter().any(|t| t.fingerprint == fp) {
-            self.seen.insert(
-                path.to_path_buf(),
-                Seen {
-                    dev,
-                    ino,
-                    len,
-                    skip: Skip::Duplicate,
-                    at: Instant::now(),
-                },
-            );
+        if len == 0 {
+            return;
+        }
+        if self.files.len() >= self.setup.max_open_files && !self.free_a_slot() {
+            self.waiting_for_slot += 1;
             return;
         }
         let source = path.to_string_lossy().into_owned();
-        let mut announce = false;
-        let (start, sticky) = match self.positions.get(&fp) {
-            Some(p) => {
-                let fits =
-                    p.position <= len && tail_hash(&file, p.position).ok().flatten() == p.tail_hash;
-                if fits {
-                    (p.position, p.sticky.clone())
-                } else {
-                    tracing::warn!(path = %source, position = p.position, "stored position does not match the file's content; reading it from the start");
-                    (0, Sticky::default())
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(error) => {
+                if matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    // Out of descriptors (a lower limit than configured): try again later.
+                    tracing::warn!(path = %source, %error, "too many open files; reading it later");
+                    self.waiting_for_slot += 1;
+                    return;
                 }
+                self.cannot_read(&source, &error.to_string(), "cannot open log file");
+                self.skip(path, meta, Skip::Unreadable);
+                return;
             }
-            None => {
+        };
+        self.readable_again(&source);
+        if looks_compressed(&file) {
+            self.skip(path, meta, Skip::Compressed);
+            return;
+        }
+        let resume = match self.catalog.resolve(&file, dev, ino, len) {
+            Ok(r) => r,
+            Err(error) => {
+                self.cannot_read(&source, &error.to_string(), "cannot read log file");
+                self.skip(path, meta, Skip::Unreadable);
+                return;
+            }
+        };
+        let mut announce = false;
+        let (key, start, sticky, head) = match resume {
+            Resume::Known { mark, head } => {
+                let sticky = Sticky::from_json(&mark.sticky);
+                (mark.key, mark.position, sticky, head)
+            }
+            Resume::Adopted {
+                mark,
+                position,
+                head,
+            } => {
+                tracing::info!(path = %source, from = %mark.path, position, "a copy of a file already read (copytruncate?); continuing after what was shipped");
+                announce = true;
+                let sticky = Sticky::from_json(&mark.sticky);
+                (identity::new_key(dev, ino), position, sticky, head)
+            }
+            Resume::New { head } => {
+                if !self.setup.once {
+                    if let Some(of) = self.copy_of(&file, len, &head) {
+                        // How long it has been a prefix of that file at this length.
+                        let waited = match self.seen.get(path) {
+                            Some(s)
+                                if s.dev == dev
+                                    && s.ino == ino
+                                    && s.len == len
+                                    && matches!(s.skip, Skip::CopyOf(_)) =>
+                            {
+                                s.at.elapsed()
+                            }
+                            _ => Duration::ZERO,
+                        };
+                        if waited < COPY_WAIT {
+                            if waited.is_zero() {
+                                tracing::debug!(path = %source, "new file is a prefix of a file being read; waiting to see whether it is a copy");
+                                self.skip(path, meta, Skip::CopyOf(of));
+                            }
+                            return;
+                        }
+                        tracing::debug!(path = %source, "prefix of a file being read, but that file was not truncated: a file of its own");
+                    }
+                }
                 let inherited = self
                     .sticky_by_path
                     .get(&source)
@@ -417,13 +543,15 @@ impl Reader {
                 } else {
                     0
                 };
-                (start, inherited)
+                (identity::new_key(dev, ino), start, inherited, head)
             }
         };
+        self.seen.remove(path);
         let mut file = file;
         if file.seek(SeekFrom::Start(start)).is_err() {
             return;
         }
+        let carry = read_before(&file, start).unwrap_or_default();
         let captures = match &self.setup.daemon.path_pattern {
             Some(re) => path_captures(re, &source),
             None => Map::new(),
@@ -435,7 +563,9 @@ impl Reader {
             dev,
             ino,
             file,
-            fingerprint: fp.clone(),
+            key: key.clone(),
+            head,
+            anchors: Anchors::default(),
             splitter: LineSplitter::new(start, self.setup.daemon.max_line_bytes),
             parser: Parser::new(self.opts.clone()),
             sticky,
@@ -444,43 +574,106 @@ impl Reader {
             last_data: Instant::now(),
             rotated: false,
             at_eof: false,
-            carry: Vec::new(),
+            carry,
         });
         if announce {
-            // Commit the skipped-to position, so the next start does not skip again.
-            let hash = self
-                .files
-                .last()
-                .and_then(|t| tail_hash(&t.file, start).ok().flatten());
-            self.send_position(&fp, start, hash);
+            // Commit the position now, so the next start neither skips nor repeats.
+            let i = self.files.len() - 1;
+            let hash = self.files[i].carry_hash(start);
+            self.send_position(i, start, hash);
         }
     }
 
-    /// Sends a position with no rows (`start_at = "end"`).
-    fn send_position(&mut self, fp: &str, position: u64, tail_hash: Option<String>) {
-        let Some(t) = self.files.iter().find(|t| t.fingerprint == fp) else {
-            return;
-        };
-        self.positions.insert(
-            fp.to_string(),
-            Position {
-                position,
-                tail_hash: tail_hash.clone(),
-                sticky: t.sticky.clone(),
-            },
-        );
+    /// The key of a file being read that `file` (new, of length `len`, starting with `head`)
+    /// is still a prefix of: possibly a copy taken just before a truncate.
+    fn copy_of(&self, file: &File, len: u64, head: &[u8]) -> Option<String> {
+        for t in &self.files {
+            let t_len = t.file.metadata().map(|m| m.len()).unwrap_or(0);
+            if len > t_len || t.head.len() < head.len().min(HEAD_BYTES) {
+                continue;
+            }
+            if t.head[..head.len()] != *head {
+                continue;
+            }
+            if len as usize <= head.len() {
+                return Some(t.key.clone());
+            }
+            let k = TAIL_BYTES.min(len) as usize;
+            let mut a = vec![0u8; k];
+            let mut b = vec![0u8; k];
+            let at = len - k as u64;
+            if file.read_exact_at(&mut a, at).is_ok()
+                && t.file.read_exact_at(&mut b, at).is_ok()
+                && a == b
+            {
+                return Some(t.key.clone());
+            }
+        }
+        None
+    }
+
+    /// Lets the longest idle file at EOF go to make room; false when none can go.
+    fn free_a_slot(&mut self) -> bool {
+        let candidate = self
+            .files
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.at_eof && !t.parser.holding())
+            .max_by_key(|(_, t)| t.last_data.elapsed())
+            .map(|(i, _)| i);
+        match candidate {
+            Some(i) => {
+                self.release(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Lets every file at EOF go (more files than slots).
+    fn let_go_finished(&mut self) {
+        let mut i = 0;
+        while i < self.files.len() {
+            let t = &self.files[i];
+            if t.at_eof && !t.parser.holding() {
+                self.release(i);
+                continue;
+            }
+            i += 1;
+        }
+    }
+
+    /// Closes file `i` (at EOF, nothing held); it is opened again when it grows.
+    fn release(&mut self, i: usize) {
+        let t = self.files.remove(i);
+        tracing::debug!(path = %t.source, rotated = t.rotated, "letting go of file");
+        if !t.rotated {
+            let len = t.file.metadata().map(|m| m.len()).unwrap_or(0);
+            self.seen.insert(
+                t.path.clone(),
+                Seen {
+                    dev: t.dev,
+                    ino: t.ino,
+                    len,
+                    skip: Skip::Idle,
+                    at: Instant::now(),
+                },
+            );
+        } else if let Ok(mut a) = self.setup.activity.lock() {
+            a.files.remove(&t.source);
+        }
+    }
+
+    /// Sends a position with no rows (`start_at = "end"`, an adopted copy).
+    fn send_position(&mut self, i: usize, position: u64, tail_hash: Option<String>) {
+        let t = &self.files[i];
+        let checkpoint = t.checkpoint(&self.setup.daemon.name, position, tail_hash);
+        self.catalog.record(checkpoint.mark());
         let chunk = FileChunk {
             logs: Vec::new(),
             events: Vec::new(),
             progress: Vec::new(),
-            checkpoint: Checkpoint {
-                daemon: self.setup.daemon.name.clone(),
-                fingerprint: fp.to_string(),
-                path: t.source.clone(),
-                position,
-                tail_hash,
-                sticky: t.sticky.to_json(),
-            },
+            checkpoint,
         };
         let _ = self.setup.tx.blocking_send(Item::Chunk(chunk));
     }
@@ -505,18 +698,31 @@ impl Reader {
             return Ok(false);
         }
         // The file may have been truncated and rewritten past our offset since the last read
-        // (copytruncate while we waited for the database): then what we just read belongs to
-        // the new content. Checking after the read makes that certain; the bytes are dropped
-        // and the path is read again as a new file.
-        if !matches!(fingerprint(&t.file), Ok(Some(fp)) if fp == t.fingerprint) {
+        // (copytruncate, or a daemon reopening it with O_TRUNC): then what we just read belongs
+        // to new content. Checking the bytes before the read position after the read makes
+        // that certain; the bytes are dropped and the file is read again as new.
+        if content_moved(&t.file, t.read_pos, &t.head, &t.carry).unwrap_or(true) {
             return self.replaced(i);
         }
         let buf_start = t.read_pos;
         t.at_eof = false;
         t.read_pos += n as u64;
         t.last_data = Instant::now();
+        if t.head.len() < HEAD_BYTES && buf_start <= t.head.len() as u64 {
+            let from = t.head.len() - buf_start as usize;
+            let upto = (HEAD_BYTES - buf_start as usize).min(n);
+            if from < upto {
+                t.head.extend_from_slice(&self.buf[from..upto]);
+            }
+        }
         self.lines.clear();
         t.splitter.push(&self.buf[..n], &mut self.lines);
+        let skip = self.lines.len().saturating_sub(identity::ANCHORS);
+        for line in &self.lines[skip..] {
+            if let Some(h) = window_tail_fnv(&t.carry, &self.buf[..n], buf_start, line.end) {
+                t.anchors.push(line.end, h);
+            }
+        }
         self.records.clear();
         for line in self.lines.drain(..) {
             t.parser.push(line, &mut self.records);
@@ -551,7 +757,7 @@ impl Reader {
     /// File `i` was truncated or replaced under its handle: hand over what it holds, let it go,
     /// and let discovery pick the path up again as a new file.
     fn replaced(&mut self, i: usize) -> Result<bool, Flow> {
-        tracing::info!(path = %self.files[i].source, "file truncated (copytruncate?); reading it again from the start");
+        tracing::info!(path = %self.files[i].source, "file truncated or rewritten (copytruncate?); reading it again from the start");
         match self.truncated(i) {
             Flow::Closed => Err(Flow::Closed),
             Flow::Continue => Ok(true),
@@ -561,7 +767,6 @@ impl Reader {
     fn note_lag(&self, i: usize) {
         let t = &self.files[i];
         let len = t.file.metadata().map(|m| m.len()).unwrap_or(0);
-        let committed = t.splitter.committed_offset();
         if let Ok(mut a) = self.setup.activity.lock() {
             let e = a
                 .files
@@ -570,7 +775,8 @@ impl Reader {
                     daemon: self.setup.daemon.name.clone(),
                     ..FileActivity::default()
                 });
-            e.lag_bytes = len.saturating_sub(committed);
+            e.size = len;
+            e.lag_bytes = len.saturating_sub(e.committed);
         }
     }
 
@@ -620,11 +826,15 @@ impl Reader {
         let mut iter = records.into_iter().peekable();
         while iter.peek().is_some() {
             let mut logs = Vec::new();
+            let mut bytes = 0usize;
             let mut events = Vec::new();
             let mut progress = Vec::new();
             let mut end = t.splitter.committed_offset();
             let mut seen = ChunkSummary::default();
-            for (mut rec, rec_end) in iter.by_ref().take(max) {
+            while logs.len() < max && bytes < CHUNK_BYTES {
+                let Some((mut rec, rec_end)) = iter.next() else {
+                    break;
+                };
                 daemon.rules.apply(&mut rec, &mut t.sticky);
                 let routed = route(rec, &src, now);
                 end = rec_end;
@@ -634,38 +844,29 @@ impl Reader {
                 if let Some(p) = routed.progress {
                     progress.push(p);
                 }
-                logs.push(copyrow::encode(&routed.log));
+                let row = copyrow::encode(&routed.log);
+                bytes += row.0.len();
+                logs.push(row);
                 seen.count += 1;
                 seen.experiment_id = routed.log.experiment_id.or(seen.experiment_id);
                 seen.last = Some(routed.log);
             }
             note_activity(&self.setup.activity, &daemon.name, &seen, &progress, now);
+            // Position checksums come from the bytes in hand, never from reading the file
+            // again (it may have been truncated meanwhile).
             let hash = window
                 .and_then(|(w, buf)| window_tail_hash(&w.carry, buf, w.buf_start, end))
+                .or_else(|| t.anchors.get(end))
                 .or_else(|| tail_hash(&t.file, end).ok().flatten());
-            let sticky_json = t.sticky.to_json();
-            self.positions.insert(
-                t.fingerprint.clone(),
-                Position {
-                    position: end,
-                    tail_hash: hash.clone(),
-                    sticky: t.sticky.clone(),
-                },
-            );
+            let checkpoint = t.checkpoint(&daemon.name, end, hash);
+            self.catalog.record(checkpoint.mark());
             self.sticky_by_path
                 .insert(t.source.clone(), t.sticky.clone());
             let chunk = FileChunk {
                 logs,
                 events,
                 progress,
-                checkpoint: Checkpoint {
-                    daemon: daemon.name.clone(),
-                    fingerprint: t.fingerprint.clone(),
-                    path: t.source.clone(),
-                    position: end,
-                    tail_hash: hash,
-                    sticky: sticky_json,
-                },
+                checkpoint,
             };
             if self.setup.tx.blocking_send(Item::Chunk(chunk)).is_err() {
                 return Flow::Closed;
@@ -684,28 +885,61 @@ impl Reader {
                 && !t.parser.holding()
                 && ((t.rotated && idle >= ROTATED_GRACE) || idle >= IDLE_CLOSE);
             if done {
-                let t = self.files.remove(i);
-                tracing::debug!(path = %t.source, rotated = t.rotated, "letting go of file");
-                if !t.rotated {
-                    let len = t.file.metadata().map(|m| m.len()).unwrap_or(0);
-                    self.seen.insert(
-                        t.path.clone(),
-                        Seen {
-                            dev: t.dev,
-                            ino: t.ino,
-                            len,
-                            skip: Skip::Idle,
-                            at: Instant::now(),
-                        },
-                    );
-                } else if let Ok(mut a) = self.setup.activity.lock() {
-                    a.files.remove(&t.source);
-                }
+                self.release(i);
                 continue;
             }
             i += 1;
         }
     }
+}
+
+impl Tracked {
+    /// The checkpoint of position `end` of this file.
+    fn checkpoint(&self, daemon: &str, end: u64, tail_hash: Option<String>) -> Checkpoint {
+        Checkpoint {
+            daemon: daemon.to_string(),
+            fingerprint: self.key.clone(),
+            path: self.source.clone(),
+            position: end,
+            head_hash: identity::head_hash(&self.head, end),
+            tail_hash,
+            sticky: self.sticky.to_json(),
+        }
+    }
+
+    /// The tail checksum of `pos` when it is the read position (the carry covers it).
+    fn carry_hash(&self, pos: u64) -> Option<String> {
+        if pos != self.read_pos {
+            return tail_hash(&self.file, pos).ok().flatten();
+        }
+        let k = (TAIL_BYTES.min(pos)) as usize;
+        (self.carry.len() >= k).then(|| hash_tail_bytes(&self.carry[self.carry.len() - k..]))
+    }
+}
+
+/// The (up to) [`TAIL_BYTES`] bytes before `pos`.
+fn read_before(file: &File, pos: u64) -> std::io::Result<Vec<u8>> {
+    let start = pos.saturating_sub(TAIL_BYTES);
+    let mut buf = vec![0u8; (pos - start) as usize];
+    file.read_exact_at(&mut buf, start)?;
+    Ok(buf)
+}
+
+/// The name of the user the agent runs as (for messages about permissions).
+fn current_user() -> String {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| {
+            p.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                let _ = f.next();
+                (f.next()?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+            })
+        })
+        .unwrap_or_else(|| format!("uid {uid}"))
 }
 
 /// What a chunk's records say about the daemon: how many, the last one, its latest experiment.

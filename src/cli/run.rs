@@ -36,5 +36,18 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         batches = summary.batches,
         "agent stopped"
     );
+    if args.once && !summary.unreadable.is_empty() {
+        let list: Vec<String> = summary
+            .unreadable
+            .iter()
+            .map(|(path, error)| format!("{path} ({error})"))
+            .collect();
+        anyhow::bail!(
+            "{} log file(s) or directories could not be read and were not shipped: {} — \
+             give the agent's user read access (its group, or setfacl -m u:USER:r)",
+            list.len(),
+            list.join(", ")
+        );
+    }
     Ok(Code::Success)
 }

@@ -33,6 +33,7 @@ pub struct RawDatabase {
 pub struct RawAgent {
     pub host: Option<String>,
     pub metrics_listen: Option<String>,
+    pub max_open_files: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,6 +12,8 @@ use uuid::Uuid;
 
 /// Default `[batch] max_records`.
 pub const DEFAULT_MAX_RECORDS: usize = 5000;
+/// Log files held open at once by default (the agent also stays under its descriptor limit).
+pub const DEFAULT_MAX_OPEN_FILES: usize = 256;
 /// Default `[batch] max_wait`.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(200);
 /// Default `max_line_bytes`.
@@ -99,6 +101,8 @@ pub struct AgentConfig {
     pub host: String,
     /// Where to serve Prometheus metrics; off when `None`.
     pub metrics_listen: Option<String>,
+    /// Log files held open at once, at most, across all daemons.
+    pub max_open_files: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -424,9 +428,23 @@ impl Resolver<'_> {
                 );
             }
         }
+        let max_open_files = match raw.agent.max_open_files {
+            None => DEFAULT_MAX_OPEN_FILES,
+            Some(n) if (8..=1_000_000).contains(&n) => n as usize,
+            Some(n) => {
+                self.err(
+                    "agent",
+                    "max_open_files",
+                    Some(n.to_string()),
+                    "must be between 8 and 1000000",
+                );
+                DEFAULT_MAX_OPEN_FILES
+            }
+        };
         let agent = AgentConfig {
             host,
             metrics_listen: raw.agent.metrics_listen.clone(),
+            max_open_files,
         };
         let max_records = match raw.batch.max_records {
             None => DEFAULT_MAX_RECORDS,

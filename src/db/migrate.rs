@@ -44,6 +44,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0007", "agent_bookkeeping"),
     migration!("0008", "roles"),
     migration!("0009", "retention"),
+    migration!("0011", "checkpoint_identity"),
 ];
 
 /// The key of the advisory lock every schema change holds (`hashtext('pipewatch_migrate')`

@@ -426,6 +426,7 @@ fn snapshot(activity: &SharedActivity) -> Activity {
         daemons: a.daemons.clone(),
         files: a.files.clone(),
         agent: a.agent.clone(),
+        unreadable: a.unreadable.clone(),
     }
 }
 

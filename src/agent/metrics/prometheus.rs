@@ -146,6 +146,7 @@ fn snapshot(activity: &SharedActivity) -> Activity {
         daemons: a.daemons.clone(),
         files: a.files.clone(),
         agent: a.agent.clone(),
+        unreadable: a.unreadable.clone(),
     }
 }
 
@@ -340,6 +341,7 @@ mod tests {
                 daemon: "clu\"st".into(),
                 lag_bytes: 100,
                 last_commit_at: None,
+                ..FileActivity::default()
             },
         );
         let text = render(
