@@ -232,7 +232,9 @@ async fn supervise(
             _ = stop.cancelled() => break,
             _ = got_hup => {
                 crate::telemetry::sd_notify("RELOADING=1");
-                match crate::config::load(&config.source) {
+                let loaded = crate::config::load(&config.source)
+                    .and_then(|c| crate::config::check_shared_files(&c).map(|()| c));
+                match loaded {
                     Err(errors) => {
                         for e in &errors.0 {
                             tracing::error!(error = %e, "config reload refused; keeping the running config");

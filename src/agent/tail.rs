@@ -324,7 +324,16 @@ impl Reader {
         }
         // Marks of files that are gone become orphans a copy may adopt; old ones are forgotten.
         self.catalog.sweep(&|d, i| present.contains(&(d, i)));
-        self.seen.retain(|p, _| found.iter().any(|(f, _)| f == p));
+        // Forget what is gone: skip notes of paths no longer matched, and sticky values of
+        // paths long gone once they outnumber the files by far.
+        let paths: HashSet<&Path> = found.iter().map(|(p, _)| p.as_path()).collect();
+        self.seen.retain(|p, _| paths.contains(p.as_path()));
+        if self.sticky_by_path.len() > 4 * (paths.len() + self.files.len()) + 64 {
+            let open: HashSet<&str> = self.files.iter().map(|t| t.source.as_str()).collect();
+            self.sticky_by_path
+                .retain(|p, _| paths.contains(Path::new(p)) || open.contains(p.as_str()));
+        }
+        drop(paths);
         // Files with a known position first, so a truncated file's old position is an orphan
         // before the copy is considered.
         found.sort_by_key(|(_, m)| !self.catalog.knows(m.dev(), m.ino()));

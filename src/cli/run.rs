@@ -18,6 +18,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             config.source.display()
         )));
     }
+    crate::config::check_shared_files(&config)?;
     let target = ctx.db_target(Some(&config))?;
     let stop = crate::agent::shutdown::install();
     let summary = match crate::agent::run(config, target, args.once, stop).await {

@@ -17,7 +17,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub retention: Option<RawRetention>,
     #[serde(default)]
-    pub daemons: BTreeMap<String, RawDaemon>,
+    /// In the order of the file: a file two daemons match later is the first one's.
+    pub daemons: indexmap::IndexMap<String, RawDaemon>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -6,6 +6,7 @@ mod support;
 
 mod config;
 mod harness;
+mod identity;
 mod metrics;
 mod migrate;
 mod operate;
