@@ -273,17 +273,18 @@ impl Catalog {
             self.by_inode.insert((dev, ino), vec![mark.key.clone()]);
             return Ok(Resume::Known { mark, head });
         }
-        self.adopt(file, len)
+        self.adopt(file, (dev, ino), len)
     }
 
-    /// An orphan whose content `file` continues: a copy.
-    fn adopt(&mut self, file: &File, len: u64) -> std::io::Result<Resume> {
+    /// An orphan whose content `file` continues: a copy. Never an orphan of the file's own
+    /// inode: that inode was truncated, so what it holds now is new.
+    fn adopt(&mut self, file: &File, inode: (u64, u64), len: u64) -> std::io::Result<Resume> {
         let head = read_head(file, (len as usize).min(HEAD_BYTES))?;
         let first_line_end = head.iter().position(|b| *b == b'\n').map(|i| i as u64 + 1);
         let mut chosen = None;
         for (i, o) in self.orphans.iter().enumerate() {
             let m = &o.mark;
-            if m.position == 0 {
+            if m.position == 0 || key_inode(&m.key) == Some(inode) {
                 continue;
             }
             if m.position <= len {
@@ -531,6 +532,28 @@ mod tests {
             Resume::Adopted { position, .. } => assert_eq!(position, cut as u64),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_truncated_file_never_adopts_its_own_old_position() {
+        // A daemon restarting into its file writes the same banner: the file's old mark (at
+        // the end of the banner) fits byte for byte, but the inode was truncated.
+        let banner_only = BANNER.to_vec();
+        let (_t, f) = file_with(&content("new", 2));
+        let mut c = Catalog::default();
+        c.record(mark_at("1:10:aa", &banner_only, banner_only.len() as u64));
+        c.ended("1:10:aa", banner_only.clone(), Anchors::default());
+        assert!(matches!(
+            c.resolve(&f, 1, 0x10, content("new", 2).len() as u64)
+                .unwrap(),
+            Resume::New { .. }
+        ));
+        // A copy (another inode) still adopts it.
+        let (_t2, copy) = file_with(&banner_only);
+        assert!(matches!(
+            c.resolve(&copy, 1, 0x11, banner_only.len() as u64).unwrap(),
+            Resume::Adopted { .. }
+        ));
     }
 
     #[test]

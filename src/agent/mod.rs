@@ -84,11 +84,8 @@ pub async fn run(
     crate::telemetry::sd_notify("READY=1");
 
     let (tx, rx) = mpsc::channel::<Item>(CHANNEL_CAPACITY);
-    let mut sup = Supervisor::new(&config, once, tx.clone(), activity.clone(), stop.clone());
-    for d in &config.daemons {
-        let checkpoints = sink.load_checkpoints(&d.name).await?;
-        sup.start(d, checkpoints);
-    }
+    // Sent while the channel is still empty: nothing receives until the batcher starts below,
+    // so a send after the readers have filled the channel would wait forever.
     let started = metrics::agent_started_event(&host, &config);
     let _ = tx
         .send(Item::Rows {
@@ -96,6 +93,11 @@ pub async fn run(
             events: vec![started],
         })
         .await;
+    let mut sup = Supervisor::new(&config, once, tx.clone(), activity.clone(), stop.clone());
+    for d in &config.daemons {
+        let checkpoints = sink.load_checkpoints(&d.name).await?;
+        sup.start(d, checkpoints);
+    }
     // The metrics thread: samples on each daemon's interval; with `once`, one sample after the
     // backfill.
     let readers_done = CancellationToken::new();

@@ -295,6 +295,7 @@ impl Reader {
         }
         self.check_replaced();
         let mut found: Vec<(PathBuf, std::fs::Metadata)> = Vec::new();
+        let mut dir_errors: HashSet<String> = HashSet::new();
         let mut present: HashSet<(u64, u64)> = HashSet::new();
         for pattern in &daemon.logs {
             let paths = match glob::glob(pattern) {
@@ -315,6 +316,7 @@ impl Reader {
                         let dir = e.path().to_string_lossy().into_owned();
                         let error = e.error().to_string();
                         self.cannot_read(&dir, &error, "cannot list a log directory");
+                        dir_errors.insert(dir);
                     }
                 }
             }
@@ -328,6 +330,16 @@ impl Reader {
         // paths long gone once they outnumber the files by far.
         let paths: HashSet<&Path> = found.iter().map(|(p, _)| p.as_path()).collect();
         self.seen.retain(|p, _| paths.contains(p.as_path()));
+        // A directory listed again, a file gone: no longer unreadable.
+        let healed: Vec<String> = self
+            .reported
+            .iter()
+            .filter(|p| !dir_errors.contains(*p) && !paths.contains(Path::new(p.as_str())))
+            .cloned()
+            .collect();
+        for p in healed {
+            self.readable_again(&p);
+        }
         if self.sticky_by_path.len() > 4 * (paths.len() + self.files.len()) + 64 {
             let open: HashSet<&str> = self.files.iter().map(|t| t.source.as_str()).collect();
             self.sticky_by_path
@@ -717,7 +729,10 @@ impl Reader {
         t.at_eof = false;
         t.read_pos += n as u64;
         t.last_data = Instant::now();
-        if t.head.len() < HEAD_BYTES && buf_start <= t.head.len() as u64 {
+        if buf_start == 0 {
+            // The head as read now (the file may have changed since it was opened).
+            t.head = self.buf[..n.min(HEAD_BYTES)].to_vec();
+        } else if t.head.len() < HEAD_BYTES && buf_start <= t.head.len() as u64 {
             let from = t.head.len() - buf_start as usize;
             let upto = (HEAD_BYTES - buf_start as usize).min(n);
             if from < upto {

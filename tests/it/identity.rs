@@ -61,6 +61,16 @@ fn wait_rows(env: &Env, daemon: &str, n: i64) -> bool {
     })
 }
 
+/// Waits for `n` rows of `daemon`; on timeout fails with the agent's log.
+fn await_rows(env: &Env, agent: &Agent, daemon: &str, n: i64) {
+    if !wait_rows(env, daemon, n) {
+        let got = env.count(&format!(
+            "SELECT count(*) FROM pipeline_logs WHERE daemon = '{daemon}'"
+        ));
+        panic!("{got} of {n} rows arrived; agent log:\n{}", agent.stderr());
+    }
+}
+
 fn stop(agent: Agent) {
     let (code, _, stderr) = agent.terminate();
     assert_eq!(code, Some(0), "{stderr}");
@@ -90,12 +100,12 @@ fn files_that_begin_alike_ship_every_line_once_running_stopped_killed_and_once()
     };
     let agent = env.spawn(&cfg);
     let n = write_round(&files, 5);
-    assert!(wait_rows(&env, "app", n as i64 + 4));
+    await_rows(&env, &agent, "app", n as i64 + 4);
     stop(agent);
     // While stopped.
     let n = write_round(&files, 3);
     let agent = env.spawn(&cfg);
-    assert!(wait_rows(&env, "app", n as i64 + 4));
+    await_rows(&env, &agent, "app", n as i64 + 4);
     // Killed with SIGKILL in the middle of a burst.
     let n = write_round(&files, 4);
     std::thread::sleep(Duration::from_millis(150));
@@ -105,7 +115,7 @@ fn files_that_begin_alike_ship_every_line_once_running_stopped_killed_and_once()
         write_round(&files, 2)
     };
     let agent = env.spawn(&cfg);
-    assert!(wait_rows(&env, "app", n as i64 + 4));
+    await_rows(&env, &agent, "app", n as i64 + 4);
     std::thread::sleep(SETTLE);
     stop(agent);
     // And a backfill run.
@@ -169,17 +179,17 @@ fn a_file_truncated_and_rewritten_larger_is_shipped_whole_and_once() {
     rewrite(&log, &banner_and(0..20));
     let cfg = env.config("[daemons.app]\nlogs = [\"$DIR/app.jsonl\"]\n");
     let agent = env.spawn(&cfg);
-    assert!(wait_rows(&env, "app", 21));
+    await_rows(&env, &agent, "app", 21);
     // Between two reads: same banner, more bytes than the file held.
     rewrite(&log, &banner_and(20..80));
-    assert!(wait_rows(&env, "app", 82));
+    await_rows(&env, &agent, "app", 82);
     std::thread::sleep(SETTLE);
     stop(agent);
     judge(&env, "app", &(0..80).collect::<Vec<_>>(), 2);
     // The same while the agent is stopped.
     rewrite(&log, &banner_and(80..200));
     let agent = env.spawn(&cfg);
-    assert!(wait_rows(&env, "app", 203));
+    await_rows(&env, &agent, "app", 203);
     std::thread::sleep(SETTLE);
     stop(agent);
     judge(&env, "app", &(0..200).collect::<Vec<_>>(), 3);
@@ -259,12 +269,12 @@ fn a_copy_shorter_than_the_committed_position_is_recognised_as_shipped() {
     append(&log, &banner_and(0..100));
     let cfg = env.config("[daemons.app]\nlogs = [\"$DIR/logs/app.jsonl*\"]\n");
     let agent = env.spawn(&cfg);
-    assert!(wait_rows(&env, "app", 101));
+    await_rows(&env, &agent, "app", 101);
     // The copy is taken; lines written after it are read from the original; then the
     // truncate. The copy only shows up in the watched directory afterwards.
     std::fs::copy(&log, env.path("aside/app.jsonl.1")).unwrap();
     append(&log, &lines(100..150));
-    assert!(wait_rows(&env, "app", 151));
+    await_rows(&env, &agent, "app", 151);
     std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
@@ -273,7 +283,7 @@ fn a_copy_shorter_than_the_committed_position_is_recognised_as_shipped() {
     std::thread::sleep(Duration::from_millis(600));
     std::fs::rename(env.path("aside/app.jsonl.1"), env.path("logs/app.jsonl.1")).unwrap();
     append(&log, &lines(150..170));
-    assert!(wait_rows(&env, "app", 171));
+    await_rows(&env, &agent, "app", 171);
     std::thread::sleep(SETTLE);
     stop(agent);
     judge(&env, "app", &(0..170).collect::<Vec<_>>(), 1);
@@ -312,7 +322,7 @@ fn a_file_that_appears_later_matching_two_daemons_is_shipped_by_the_first_only()
     let agent = env.spawn(&cfg);
     std::thread::sleep(Duration::from_millis(500));
     append(&env.path("logs/shared.jsonl"), &lines(0..50));
-    assert!(wait_rows(&env, "zeta", 50));
+    await_rows(&env, &agent, "zeta", 50);
     std::thread::sleep(SETTLE);
     let (code, _, stderr) = agent.terminate();
     assert_eq!(code, Some(0));

@@ -46,3 +46,38 @@ fn copytruncate_while_the_database_is_down_neither_garbles_nor_duplicates() {
         "60000 60000 0"
     );
 }
+
+/// Symptom: an agent (re)started with four or more files holding unshipped lines hung for
+/// good, looking healthy: the readers filled the channel before the batcher was started, and
+/// the `agent_started` event waited for room that never came.
+#[test]
+fn many_files_with_unshipped_lines_at_start_do_not_hang_the_agent() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.path("a")).unwrap();
+    std::fs::create_dir_all(env.path("b")).unwrap();
+    for f in 0..12 {
+        crate::support::agent::append(
+            &env.path(&format!("a/{f}.jsonl")),
+            &(f * 10..f * 10 + 10).map(json_line).collect::<Vec<_>>(),
+        );
+    }
+    append(
+        &env.path("b/x.jsonl"),
+        &(1000..1010).map(json_line).collect::<Vec<_>>(),
+    );
+    // Two daemons: loading the second one's positions gives the first one's reader time to
+    // fill the channel.
+    let cfg = env.config(
+        "[daemons.a]\nlogs = [\"$DIR/a/*.jsonl\"]\n\n[daemons.b]\nlogs = [\"$DIR/b/*.jsonl\"]\n",
+    );
+    for _ in 0..3 {
+        let agent = env.spawn(&cfg);
+        let shipped = wait_until(Duration::from_secs(20), || {
+            env.count("SELECT count(*) FROM pipeline_logs") == 130
+        });
+        let (code, _, stderr) = agent.terminate();
+        assert!(shipped, "the agent did not ship:\n{stderr}");
+        assert_eq!(code, Some(0));
+        env.sql("TRUNCATE pipeline_logs; TRUNCATE pipewatch_checkpoints");
+    }
+}
