@@ -1,8 +1,37 @@
 //! The agent's own logging: a `tracing` subscriber writing to stderr.
 //!
-//! `RUST_LOG` (or `PIPEWATCH_LOG`) overrides the default filter.
+//! `RUST_LOG` (or `PIPEWATCH_LOG`) overrides the default filter. Logging never blocks or
+//! fails the caller: a closed, full or broken stderr loses the line, never the shutdown
+//! (a closed pipe used to panic the signal task, and SIGTERM went unheard). Colour only on
+//! a terminal, never with `NO_COLOR`.
 
+use std::io::Write;
 use tracing_subscriber::EnvFilter;
+
+/// stderr for the subscriber, dropping whatever cannot be written (EPIPE, EAGAIN, ENOSPC…).
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Report the whole buffer as written whatever happened: nothing upstream may retry,
+        // complain on stderr (which is what failed) or panic.
+        let _ = std::io::stderr().lock().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LossyStderr {
+    type Writer = LossyStderr;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LossyStderr
+    }
+}
 
 /// Installs the subscriber once; `verbose` raises the default level to debug, `quiet` lowers
 /// it to warnings.
@@ -19,7 +48,11 @@ pub fn init(verbose: bool, quiet: bool) {
         .unwrap_or_else(|| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(LossyStderr)
+        // tracing-subscriber reports its own write errors with eprintln!, which panics on a
+        // closed stderr.
+        .log_internal_errors(false)
+        .with_ansi(crate::cli::out::color_stderr())
         .with_target(false)
         .try_init();
 }
