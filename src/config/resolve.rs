@@ -477,7 +477,7 @@ impl Resolver<'_> {
                     "retention",
                     "older_than",
                     r.older_than.as_ref().map(|v| format!("{v:?}")),
-                    "retention works in whole days: at least \"1d\"",
+                    "retention keeps at least \"1d\" (the age is honoured to the second)",
                 );
             }
             Some(RetentionConfig { older_than })
