@@ -1,11 +1,12 @@
 //! `pipewatch progress`: an experiment's progress tree (`get_progress_tree`) drawn with bars,
 //! percent, status and age; `--watch` redraws it.
 
+use super::out::{out, outln};
 use super::render;
 use super::Context;
 use crate::exit::Code;
 use chrono::Utc;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
@@ -16,15 +17,17 @@ pub struct Args {
     /// Redraw every few seconds until Ctrl-C
     #[arg(long, short)]
     pub watch: bool,
-    /// Seconds between redraws with --watch
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    /// Time between redraws with --watch: seconds (5, 0.5) or a duration (500ms, 2s, 1m);
+    /// at least 200ms
+    #[arg(long, default_value = "2", value_parser = super::interval_arg)]
     pub interval: Duration,
 }
 
 pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let client = ctx.connect().await?;
     let experiment = super::experiment_arg(&client, &args.experiment).await?;
-    let color = std::io::stdout().is_terminal();
+    let color = super::out::color_stdout();
+    let terminal = std::io::stdout().is_terminal();
     let mut stop = super::StopSignals::new()?;
     loop {
         let rows = crate::db::queries::progress_tree(&client, experiment).await?;
@@ -33,9 +36,9 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         } else {
             render::progress_tree(&rows, Utc::now(), color)
         };
-        if args.watch && color {
-            print!("\x1b[H\x1b[2J");
-            println!(
+        if args.watch && terminal {
+            out!("\x1b[H\x1b[2J");
+            outln!(
                 "{}",
                 render::paint(
                     &format!(
@@ -43,12 +46,12 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
                         Utc::now().format("%H:%M:%S")
                     ),
                     "1",
-                    true
+                    color
                 )
             );
         }
-        print!("{text}");
-        let _ = std::io::stdout().flush();
+        out!("{text}");
+        super::out::flush()?;
         if !args.watch {
             return Ok(Code::Success);
         }
@@ -56,8 +59,8 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             _ = tokio::time::sleep(args.interval) => {}
             _ = stop.recv() => return Ok(Code::Success),
         }
-        if !color {
-            println!();
+        if !terminal {
+            outln!();
         }
     }
 }
