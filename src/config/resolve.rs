@@ -185,7 +185,9 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
         let expected: Vec<&str> = caps
             .get(2)
             .map_or("", |m| m.as_str())
+            // serde lists three or more as "`a`, `b`, `c`" and two as "`a` or `b`".
             .split(", ")
+            .flat_map(|s| s.split(" or "))
             .map(|s| s.trim_matches('`'))
             .collect();
         let mut reason = format!("unknown key `{key}`");

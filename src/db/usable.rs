@@ -128,7 +128,8 @@ pub async fn check(client: &mut Client, host: &str, retention: bool) -> Vec<Find
                 "schema: cannot read pipewatch_schema_migrations: {}",
                 explain(&e, &role(client).await)
             )));
-            false
+            // A role without privileges: say which ones it lacks too.
+            is_permission_error(&e)
         }
     };
     if schema_present {
@@ -159,44 +160,31 @@ async fn privileges(client: &mut Client, host: &str, retention: bool) -> Vec<Fin
             ))]
         }
     };
-    // COPY first: it is how every log row is written.
-    let copy = async {
-        tx.batch_execute("SAVEPOINT pw_probe").await?;
-        let sink = tx
-            .copy_in::<_, Bytes>(crate::agent::copyrow::COPY_STATEMENT)
-            .await?;
-        futures_util::pin_mut!(sink);
-        let row = crate::model::LogRow {
-            ts: chrono::Utc::now(),
-            level: crate::model::Level::Info,
-            message: "check-config".into(),
-            logger: None,
-            experiment_id: None,
-            node_id: None,
-            stage: None,
-            context: serde_json::json!({}),
-            traceback: None,
-            metrics: None,
-            host: host.to_string(),
-            daemon: PROBE.to_string(),
-            source: None,
-        };
-        let mut buf = Vec::new();
-        buf.extend_from_slice(crate::agent::copyrow::HEADER);
-        buf.extend_from_slice(&crate::agent::copyrow::encode(&row).0);
-        buf.extend_from_slice(crate::agent::copyrow::TRAILER);
-        sink.send(Bytes::from(buf)).await?;
-        sink.finish().await?;
-        Ok::<_, tokio_postgres::Error>(())
-    }
-    .await;
+    // COPY first: it is how every log row is written. COPY FROM needs INSERT; a refused
+    // COPY can leave the connection unusable, so the privilege is asked first.
     tried.push("COPY into pipeline_logs");
-    if let Err(e) = copy {
-        refused.push(format!(
+    let may_insert = tx
+        .query_one("SELECT has_table_privilege('pipeline_logs', 'INSERT')", &[])
+        .await
+        .map(|r| r.get::<_, bool>(0));
+    match may_insert {
+        Ok(true) => {
+            if let Err(e) = copy_probe(&tx, host).await {
+                refused.push(format!(
+                    "COPY into pipeline_logs: {}",
+                    explain_pg(&e, &user)
+                ));
+                let _ = tx.batch_execute("ROLLBACK TO SAVEPOINT pw_probe").await;
+            }
+        }
+        Ok(false) => refused.push(format!(
+            "COPY into pipeline_logs: permission denied for table pipeline_logs; {}",
+            grant(&user)
+        )),
+        Err(e) => refused.push(format!(
             "COPY into pipeline_logs: {}",
             explain_pg(&e, &user)
-        ));
-        let _ = tx.batch_execute("ROLLBACK TO SAVEPOINT pw_probe").await;
+        )),
     }
     for (what, sql) in ACTIONS {
         tried.push(what);
@@ -222,15 +210,13 @@ async fn privileges(client: &mut Client, host: &str, retention: bool) -> Vec<Fin
         match allowed {
             Ok(true) => {}
             Ok(false) => refused.push(format!(
-                "apply retention ([retention]): may not execute pipewatch_apply_retention; \
-                 grant the agent's role: `GRANT pipewatch_agent TO {user}`"
+                "apply retention ([retention]): permission denied for function pipewatch_apply_retention; {}",
+                grant(&user)
             )),
             Err(e) => refused.push(format!("apply retention: {}", explain_pg(&e, &user))),
         }
     }
-    if let Err(e) = tx.rollback().await {
-        refused.push(format!("rolling the trial back: {e}"));
-    }
+    let rollback = tx.rollback().await;
     if refused.is_empty() {
         vec![Finding::ok(format!(
             "role {user} may do what the agent does ({}; tried and rolled back)",
@@ -240,8 +226,57 @@ async fn privileges(client: &mut Client, host: &str, retention: bool) -> Vec<Fin
         refused
             .into_iter()
             .map(|r| Finding::fail(format!("role {user} cannot {r}")))
+            .chain(
+                rollback.err().map(|e| {
+                    Finding::fail(format!("role {user}: rolling the trial back failed: {e}"))
+                }),
+            )
             .collect()
     }
+}
+
+/// One row through the agent's own binary COPY, under a savepoint.
+async fn copy_probe(
+    tx: &tokio_postgres::Transaction<'_>,
+    host: &str,
+) -> Result<(), tokio_postgres::Error> {
+    tx.batch_execute("SAVEPOINT pw_probe").await?;
+    let sink = tx
+        .copy_in::<_, Bytes>(crate::agent::copyrow::COPY_STATEMENT)
+        .await?;
+    futures_util::pin_mut!(sink);
+    let row = crate::model::LogRow {
+        ts: chrono::Utc::now(),
+        level: crate::model::Level::Info,
+        message: "check-config".into(),
+        logger: None,
+        experiment_id: None,
+        node_id: None,
+        stage: None,
+        context: serde_json::json!({}),
+        traceback: None,
+        metrics: None,
+        host: host.to_string(),
+        daemon: PROBE.to_string(),
+        source: None,
+    };
+    let mut buf = Vec::new();
+    buf.extend_from_slice(crate::agent::copyrow::HEADER);
+    buf.extend_from_slice(&crate::agent::copyrow::encode(&row).0);
+    buf.extend_from_slice(crate::agent::copyrow::TRAILER);
+    sink.send(Bytes::from(buf)).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
+fn grant(user: &str) -> String {
+    format!("grant the agent's role: `GRANT pipewatch_agent TO {user}` (as an administrator)")
+}
+
+fn is_permission_error(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .any(|pg| pg.code().is_some_and(|c| c.code() == "42501"))
 }
 
 fn explain(e: &anyhow::Error, user: &str) -> String {
@@ -260,10 +295,7 @@ fn explain_pg(e: &tokio_postgres::Error, user: &str) -> String {
         return e.to_string();
     };
     match db.code().code() {
-        "42501" => format!(
-            "{}; grant the agent's role: `GRANT pipewatch_agent TO {user}` (as an administrator)",
-            db.message()
-        ),
+        "42501" => format!("{}; {}", db.message(), grant(user)),
         "42P01" | "42883" | "42703" => {
             format!("{}; run `pipewatch migrate`", db.message())
         }
