@@ -21,7 +21,7 @@
 //!   `context._pipewatch.rule_error`; nothing here fails or panics on input.
 //!
 //! This module does no I/O and knows no database type; the only exception is
-//! [`print_sample`], the `check-config --sample` dry run, which reads the sample file.
+//! [`sample_file_report`], the `check-config --sample` dry run, which reads the sample file.
 
 use crate::config::raw::RawRule;
 use crate::config::resolve::suggest;

@@ -229,9 +229,7 @@ pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2
 pub fn interval_arg(s: &str) -> Result<std::time::Duration, String> {
     let t = s.trim();
     let d = match t.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 && secs < 1e9 => {
-            std::time::Duration::from_secs_f64(secs)
-        }
+        Ok(secs) if (0.0..1e9).contains(&secs) => std::time::Duration::from_secs_f64(secs),
         Ok(_) => return Err(format!("{s:?} is not a number of seconds")),
         Err(_) => humantime::parse_duration(t).map_err(|e| {
             format!("{s:?} is not an interval ({e}): write seconds (5) or a duration (500ms, 2s)")

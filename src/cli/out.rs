@@ -1,9 +1,8 @@
 //! Where commands print: stdout writes that end a command quietly (exit 0) when the reader
 //! went away (`pipewatch status | head -1`), and the one colour decision.
 //!
-//! Every command prints through [`outln!`](crate::cli::out::outln) / [`out!`](crate::cli::out::out)
-//! instead of `println!`, which panics on a closed pipe. Nothing here touches stderr except
-//! [`note`], which never fails.
+//! Every command prints through `outln!` / `out!` instead of `println!`, which panics on a
+//! closed pipe. Nothing here touches stderr except [`note`], which never fails.
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -30,7 +29,7 @@ pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
     }
 }
 
-/// Writes formatted text to stdout (the target of [`out!`] and [`outln!`]).
+/// Writes formatted text to stdout (the target of `out!` and `outln!`).
 pub fn write_fmt(args: fmt::Arguments<'_>) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_fmt(args).map_err(stdout_error)
