@@ -6,7 +6,7 @@
 //! Read-only: it opens and closes files, never reads from them, and never prints.
 
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// What one glob found.
@@ -133,7 +133,12 @@ pub fn check_glob(pattern: &str) -> GlobReport {
                 if path.is_dir() {
                     continue;
                 }
-                match std::fs::File::open(&path) {
+                // Non-blocking: a FIFO matched by the glob must not hang the check.
+                let opened = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&path);
+                match opened {
                     Ok(_) => report.readable.push(path),
                     Err(error) => report.refused.push(Refusal {
                         path,

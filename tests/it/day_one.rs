@@ -384,6 +384,52 @@ fn sigterm_stops_the_agent_when_stderr_is_a_closed_pipe() {
     );
 }
 
+/// The same with a reader that stays but never reads: a full stderr pipe must not hold up
+/// the agent or its shutdown (log lines are dropped instead).
+#[test]
+fn sigterm_stops_the_agent_when_stderr_is_a_full_pipe_nobody_reads() {
+    use std::os::fd::AsRawFd;
+    let env = Env::new();
+    // Many files: each is logged when it is opened, which fills a one-page pipe.
+    for f in 0..80 {
+        append(&env.path(&format!("f{f:02}.jsonl")), &[json_line(f)]);
+    }
+    let cfg = env.config("[daemons.app]\nlogs = [\"$DIR/*.jsonl\"]\n");
+    let mut child = pipewatch_cmd(&["--config", cfg.to_str().unwrap(), "run"])
+        .env("PIPEWATCH_LOG", "pipewatch=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // SAFETY: fcntl on our own open pipe; shrinking it to one page only makes it fill sooner.
+    unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    let shipped = wait_until(Duration::from_secs(20), || {
+        env.count("SELECT count(*) FROM pipeline_logs") == 80
+    });
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(stderr);
+    assert!(shipped, "the agent ships although nobody reads its log");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "the agent must stop within 5 s of SIGTERM and exit 0"
+    );
+}
+
 // ---------------------------------------------------------------- 6. closed stdout
 
 /// Symptom: `status | head -1` (and cleanup, check-config, migrate --check-only) panicked
