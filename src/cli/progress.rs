@@ -26,13 +26,17 @@ pub struct Args {
 pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let client = ctx.connect().await?;
     let experiment = super::experiment_arg(&client, &args.experiment).await?;
+    // Named as the other commands name it: by name where the experiment has one.
+    let label = crate::db::queries::experiment_name(&client, experiment)
+        .await?
+        .unwrap_or_else(|| experiment.to_string());
     let color = super::out::color_stdout();
     let terminal = std::io::stdout().is_terminal();
     let mut stop = super::StopSignals::new()?;
     loop {
         let rows = crate::db::queries::progress_tree(&client, experiment).await?;
         let text = if rows.is_empty() {
-            format!("no progress recorded for experiment {experiment}\n")
+            format!("no progress recorded for experiment {label}\n")
         } else {
             render::progress_tree(&rows, Utc::now(), color)
         };
@@ -41,10 +45,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             outln!(
                 "{}",
                 render::paint(
-                    &format!(
-                        "progress of {experiment} — {}",
-                        Utc::now().format("%H:%M:%S")
-                    ),
+                    &format!("progress of {label} — {}", Utc::now().format("%H:%M:%S")),
                     "1",
                     color
                 )

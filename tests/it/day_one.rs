@@ -732,6 +732,19 @@ fn an_unknown_experiment_id_fails_like_an_unknown_name_and_errors_show_the_name(
         out.contains("experiment exp-a\n") && !out.contains(EXP),
         "{out}"
     );
+    let (code, out, _) = run(&env.db, &["progress", "-e", orphan]);
+    assert_eq!(
+        (code, out),
+        (
+            Some(0),
+            format!("no progress recorded for experiment {orphan}\n")
+        )
+    );
+    env.sql(&format!(
+        "INSERT INTO experiments (id, name) VALUES ('{orphan}', 'exp-b')"
+    ));
+    let (_, out, _) = run(&env.db, &["progress", "-e", orphan]);
+    assert_eq!(out, "no progress recorded for experiment exp-b\n");
     let (_, plain, _) = run(&env.db, &["errors"]);
     assert!(
         plain.contains("disk full") && plain.contains("experiment exp-a\n"),
