@@ -1,6 +1,7 @@
 //! The `pipewatch` binary: parses the command line, runs the command, maps errors to exit codes.
 
 use clap::Parser;
+use pipewatch::cli::out::note;
 use pipewatch::cli::Cli;
 use pipewatch::exit::{code_for, Code};
 use std::process::ExitCode;
@@ -29,12 +30,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("pipewatch: cannot start the async runtime: {e}");
+            note(&format!("cannot start the async runtime: {e}"));
             return Code::Failure.into();
         }
     };
     match runtime.block_on(pipewatch::cli::dispatch(cli)) {
         Ok(code) => code.into(),
+        // The reader of stdout went away (`| head -1`): a normal end, as for every Unix tool.
+        Err(err) if pipewatch::cli::out::is_closed(&err) => Code::Success.into(),
         Err(err) => {
             let code = code_for(&err);
             let mut text = format!("{err:#}");
@@ -50,7 +53,7 @@ fn main() -> ExitCode {
                 text = text.lines().map(str::trim).collect::<Vec<_>>().join(" ");
             }
             for line in text.lines() {
-                eprintln!("pipewatch: {line}");
+                note(line);
             }
             code.into()
         }

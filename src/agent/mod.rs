@@ -261,9 +261,11 @@ async fn supervise(
 }
 
 /// `[retention]`: shortly after start and then hourly, offers to apply the retention; the
-/// database lets one agent of the fleet do it once a day (`pipewatch_apply_retention`).
+/// database lets one agent of the fleet do it once a day (`pipewatch_apply_retention`). The
+/// age is exact to the second: `36h` keeps 36 hours, not one day.
 async fn retain(target: DbTarget, host: String, older_than: Duration, stop: CancellationToken) {
-    let days = i32::try_from((older_than.as_secs() / 86_400).max(1)).unwrap_or(i32::MAX);
+    let seconds = older_than.as_secs_f64();
+    let age = humantime::format_duration(Duration::from_secs(older_than.as_secs())).to_string();
     let mut wait = Duration::from_secs(2);
     loop {
         tokio::select! {
@@ -274,13 +276,16 @@ async fn retain(target: DbTarget, host: String, older_than: Duration, stop: Canc
         let result = async {
             let client = crate::db::connect(&target).await?;
             let row = client
-                .query_one("SELECT pipewatch_apply_retention($1, $2)", &[&days, &host])
+                .query_one(
+                    "SELECT pipewatch_apply_retention(make_interval(secs => $1::float8), $2)",
+                    &[&seconds, &host],
+                )
                 .await?;
             anyhow::Ok(row.get::<_, Option<i64>>(0))
         }
         .await;
         match result {
-            Ok(Some(rows)) => tracing::info!(rows, days, "retention applied"),
+            Ok(Some(rows)) => tracing::info!(rows, older_than = %age, "retention applied"),
             Ok(None) => tracing::debug!("retention already applied today by this or another agent"),
             Err(error) => tracing::warn!(error = %format!("{error:#}"), "cannot apply retention"),
         }

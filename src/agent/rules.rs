@@ -21,7 +21,7 @@
 //!   `context._pipewatch.rule_error`; nothing here fails or panics on input.
 //!
 //! This module does no I/O and knows no database type; the only exception is
-//! [`print_sample`], the `check-config --sample` dry run, which reads the sample file.
+//! [`sample_file_report`], the `check-config --sample` dry run, which reads the sample file.
 
 use crate::config::raw::RawRule;
 use crate::config::resolve::suggest;
@@ -1510,8 +1510,13 @@ fn describe_event(e: &EventSpec) -> String {
 }
 
 /// `check-config --sample FILE`: reads FILE's lines, turns each into a record and prints what
-/// the rules of `daemon` (default: the first configured) produce.
-pub fn print_sample(config: &Config, daemon: Option<&str>, file: &Path) -> anyhow::Result<()> {
+/// the rules of `daemon` (default: the first configured) produce, as text for the caller to
+/// print.
+pub fn sample_file_report(
+    config: &Config,
+    daemon: Option<&str>,
+    file: &Path,
+) -> anyhow::Result<String> {
     let d = match daemon {
         Some(name) => config
             .daemons
@@ -1539,15 +1544,13 @@ pub fn print_sample(config: &Config, daemon: Option<&str>, file: &Path) -> anyho
     let bytes = std::fs::read(file)
         .map_err(|e| anyhow::anyhow!("cannot read sample file {}: {e}", file.display()))?;
     let records = parse_sample(d, &bytes);
-    println!();
-    println!(
-        "sample {} with the {} rule(s) of daemons.{}:",
+    let head = format!(
+        "\nsample {} with the {} rule(s) of daemons.{}:\n",
         file.display(),
         d.rules.len(),
         d.name
     );
-    print!("{}", report(&d.rules, "line", records));
-    Ok(())
+    Ok(head + &report(&d.rules, "line", records))
 }
 
 /// Parses a sample file exactly as the agent would (same splitter, parser and line limit),

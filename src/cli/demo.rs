@@ -4,6 +4,7 @@
 //! traceback and a stall, runs the agent on it while drawing the progress tree, then prints
 //! what an operator would look at. Cleans up after itself.
 
+use super::out::{out, outln};
 use super::render;
 use super::Context;
 use crate::db::throwaway::Throwaway;
@@ -71,9 +72,13 @@ event = { event_type = "out_of_memory", severity = "CRITICAL" }
 "#;
 
 pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
-    let color = std::io::stdout().is_terminal();
-    let title = |s: &str| println!("\n{}", render::paint(s, "1", color));
-    title("pipewatch demo");
+    let color = super::out::color_stdout();
+    let terminal = std::io::stdout().is_terminal();
+    let title = |s: &str| -> anyhow::Result<()> {
+        outln!("\n{}", render::paint(s, "1", color));
+        Ok(())
+    };
+    title("pipewatch demo")?;
     // A database: the one given, or a throwaway local cluster.
     let explicit = ctx.database_url_flag.clone().or_else(|| {
         std::env::var("PIPEWATCH_DATABASE_URL")
@@ -83,20 +88,20 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let mut throwaway = None;
     let url = match explicit {
         Some(u) => {
-            println!(
+            outln!(
                 "• using the database given: {}",
                 crate::config::redact::redact_url(&u)
             );
             u
         }
         None => {
-            print!("• starting a throwaway PostgreSQL … ");
+            out!("• starting a throwaway PostgreSQL … ");
             let _ = std::io::stdout().flush();
             let t = tokio::task::spawn_blocking(Throwaway::new)
                 .await
                 .context("starting PostgreSQL")??;
             let u = t.url("postgres");
-            println!("listening on 127.0.0.1:{}", t.port);
+            outln!("listening on 127.0.0.1:{}", t.port);
             throwaway = Some(t);
             u
         }
@@ -104,7 +109,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let target = crate::db::DbTarget::parse(&url, None, None)?;
     let mut client = crate::db::connect(&target).await?;
     crate::db::migrate::apply(&mut client).await?;
-    println!("• schema migrated");
+    outln!("• schema migrated");
 
     let experiment = Uuid::new_v4();
     let name = format!("demo-clustering-{}", Utc::now().format("%Y%m%d-%H%M%S"));
@@ -115,7 +120,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         )
         .await
         .context("creating the demo experiment")?;
-    println!("• experiment {name} ({experiment})");
+    outln!("• experiment {name} ({experiment})");
 
     let dir = tempfile::Builder::new()
         .prefix("pipewatch-demo-")
@@ -129,7 +134,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         .replace("$EXP", &experiment.to_string());
     std::fs::write(&config_path, &config_text)?;
     let config = crate::config::load(&config_path)?;
-    println!("• agent config: {}", config_path.display());
+    outln!("• agent config: {}", config_path.display());
 
     let exe = std::env::current_exe().context("locating the pipewatch binary")?;
     let length = args
@@ -144,10 +149,11 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         .arg(humantime::format_duration(length).to_string())
         .stdin(std::process::Stdio::null())
         .spawn()
+        .map(KillOnDrop)
         .context("starting the simulated daemon")?;
-    println!(
+    outln!(
         "• simulated daemon `clusterer` started (pid {})",
-        daemon.id()
+        daemon.0.id()
     );
 
     let stop = tokio_util::sync::CancellationToken::new();
@@ -160,7 +166,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     title(&format!(
         "progress of {name} (live, {}s)",
         args.duration.as_secs()
-    ));
+    ))?;
     let started = Instant::now();
     let mut last_lines = 0usize;
     while started.elapsed() < args.duration {
@@ -172,47 +178,60 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             .await
             .unwrap_or_default();
         let tree = render::progress_tree(&rows, Utc::now(), color);
-        if color {
+        if terminal {
             // Redraw in place.
             if last_lines > 0 {
-                print!("\x1b[{last_lines}A\x1b[J");
+                out!("\x1b[{last_lines}A\x1b[J");
             }
-            print!("{tree}");
+            out!("{tree}");
             last_lines = tree.lines().count();
             let _ = std::io::stdout().flush();
         }
     }
     stop.cancel();
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
     let summary = agent.await.context("the agent task failed")??;
-    if !color {
+    if !terminal {
         let rows = crate::db::queries::progress_tree(&client, experiment).await?;
-        print!("{}", render::progress_tree(&rows, Utc::now(), false));
+        out!("{}", render::progress_tree(&rows, Utc::now(), false));
     }
-    println!(
+    outln!(
         "\n• agent shipped {} records in {} transactions",
-        summary.records_shipped, summary.batches
+        summary.records_shipped,
+        summary.batches
     );
 
     print_report(&client, experiment, color).await?;
 
-    title("explore further");
-    println!("  psql '{url}'");
-    println!("    SELECT * FROM get_progress_tree('{experiment}');");
-    println!("    SELECT ts, level, message FROM get_experiment_logs('{experiment}', p_level := 'WARNING');");
-    println!("    SELECT * FROM active_pipeline_monitoring;");
-    println!("  pipewatch --database-url '{url}' logs --experiment {name}");
+    title("explore further")?;
+    outln!("  psql '{url}'");
+    outln!("    SELECT * FROM get_progress_tree('{experiment}');");
+    outln!("    SELECT ts, level, message FROM get_experiment_logs('{experiment}', p_level := 'WARNING');");
+    outln!("    SELECT * FROM active_pipeline_monitoring;");
+    outln!("  pipewatch --database-url '{url}' logs --experiment {name}");
     if args.keep {
-        println!("\nThe database and files are kept; press Ctrl-C to clean up and exit.");
+        outln!("\nThe database and files are kept; press Ctrl-C to clean up and exit.");
         let _ = tokio::signal::ctrl_c().await;
     } else {
-        println!("  (run `pipewatch demo --keep` to keep the database running while you explore)");
+        outln!("  (run `pipewatch demo --keep` to keep the database running while you explore)");
     }
     drop(client);
     drop(throwaway);
     cleanup(dir.path());
     Ok(Code::Success)
+}
+
+/// The simulated daemon, killed however the demo ends (even when stdout closes under it).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 fn cleanup(dir: &Path) {
@@ -224,8 +243,11 @@ async fn print_report(
     experiment: Uuid,
     color: bool,
 ) -> anyhow::Result<()> {
-    let title = |s: &str| println!("\n{}", render::paint(s, "1", color));
-    title("recent errors (recent_experiment_errors)");
+    let title = |s: &str| -> anyhow::Result<()> {
+        outln!("\n{}", render::paint(s, "1", color));
+        Ok(())
+    };
+    title("recent errors (recent_experiment_errors)")?;
     let rows = client
         .query(
             "SELECT ts, level, coalesce(node_id, '-'), coalesce(stage, '-'), message, traceback \
@@ -240,18 +262,18 @@ async fn print_report(
         let stage: String = r.get(3);
         let msg: String = r.get(4);
         let tb: Option<String> = r.get(5);
-        println!(
+        outln!(
             "  {} {} node={node} stage={stage} {msg}",
             ts.format("%H:%M:%S%.3f"),
             render::paint(&level, "31", color)
         );
         if let Some(tb) = tb {
             for l in tb.lines() {
-                println!("      {l}");
+                outln!("      {l}");
             }
         }
     }
-    title("error summary (get_error_summary)");
+    title("error summary (get_error_summary)")?;
     let rows = client
         .query(
             "SELECT message, count, first_seen, last_seen, nodes FROM get_error_summary($1)",
@@ -264,14 +286,14 @@ async fn print_report(
         let first: chrono::DateTime<Utc> = r.get(2);
         let last: chrono::DateTime<Utc> = r.get(3);
         let nodes: Vec<String> = r.get(4);
-        println!(
+        outln!(
             "  {count}× {msg}  (first {}, last {}, nodes {})",
             first.format("%H:%M:%S"),
             last.format("%H:%M:%S"),
             nodes.join(",")
         );
     }
-    title("events (pipeline_events)");
+    title("events (pipeline_events)")?;
     let rows = client
         .query(
             "SELECT ts, severity, event_type, coalesce(message, '') FROM pipeline_events \
@@ -284,9 +306,9 @@ async fn print_report(
         let sev: String = r.get(1);
         let et: String = r.get(2);
         let msg: String = r.get(3);
-        println!("  {} {:<8} {:<18} {msg}", ts.format("%H:%M:%S"), sev, et);
+        outln!("  {} {:<8} {:<18} {msg}", ts.format("%H:%M:%S"), sev, et);
     }
-    title("metrics sample (pipeline_metrics)");
+    title("metrics sample (pipeline_metrics)")?;
     let rows = client
         .query(
             "SELECT ts, daemon, pid, cpu_percent::float8, memory_rss_bytes::int8, records_per_sec::float8 \
@@ -294,9 +316,14 @@ async fn print_report(
             &[],
         )
         .await?;
-    println!(
+    outln!(
         "  {:<12} {:<10} {:>7} {:>7} {:>10} {:>10}",
-        "time", "daemon", "pid", "cpu%", "rss MiB", "records/s"
+        "time",
+        "daemon",
+        "pid",
+        "cpu%",
+        "rss MiB",
+        "records/s"
     );
     for r in &rows {
         let ts: chrono::DateTime<Utc> = r.get(0);
@@ -305,7 +332,7 @@ async fn print_report(
         let cpu: Option<f64> = r.get(3);
         let rss: Option<i64> = r.get(4);
         let rps: Option<f64> = r.get(5);
-        println!(
+        outln!(
             "  {:<12} {:<10} {:>7} {:>7} {:>10} {:>10}",
             ts.format("%H:%M:%S"),
             daemon,

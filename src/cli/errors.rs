@@ -1,11 +1,11 @@
 //! `pipewatch errors`: which errors, how often, where, first and last seen, and one traceback —
 //! from `get_error_summary` for one experiment, or grouped over `recent_experiment_errors`.
 
+use super::out::outln;
 use super::render::paint;
 use super::Context;
 use crate::exit::Code;
 use chrono::{DateTime, Utc};
-use std::io::IsTerminal;
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
@@ -23,7 +23,7 @@ pub struct Args {
 
 pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let client = ctx.connect().await?;
-    let color = std::io::stdout().is_terminal();
+    let color = super::out::color_stdout();
     let since =
         Utc::now() - chrono::Duration::from_std(args.since).unwrap_or(chrono::Duration::days(1));
     let experiment = match &args.experiment {
@@ -32,11 +32,15 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     };
     let rows = match experiment {
         Some(exp) => {
+            // Shown as plain `errors` shows it: by name where the experiment has one.
+            let label = crate::db::queries::experiment_name(&client, exp)
+                .await?
+                .unwrap_or_else(|| exp.to_string());
             client
                 .query(
                     "SELECT message, count, first_seen, last_seen, nodes, sample_traceback, \
                      max_level, $2::text FROM get_error_summary($1, $3) LIMIT $4",
-                    &[&exp, &exp.to_string(), &since, &args.limit],
+                    &[&exp, &label, &since, &args.limit],
                 )
                 .await?
         }
@@ -56,7 +60,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         }
     };
     if rows.is_empty() {
-        println!("no errors since {}", since.format("%Y-%m-%d %H:%M:%S UTC"));
+        outln!("no errors since {}", since.format("%Y-%m-%d %H:%M:%S UTC"));
         return Ok(Code::Success);
     }
     for r in &rows {
@@ -68,13 +72,13 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         let traceback: Option<String> = r.get(5);
         let level: String = r.get(6);
         let exp: String = r.get(7);
-        println!(
+        outln!(
             "{} {} {}",
             paint(&format!("{count:>5}×"), "1", color),
             paint(&format!("{level:<8}"), "31", color),
             message
         );
-        println!(
+        outln!(
             "       first {}  last {}  nodes {}  experiment {}",
             first.format("%Y-%m-%d %H:%M:%S"),
             last.format("%Y-%m-%d %H:%M:%S"),
@@ -87,7 +91,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         );
         if let Some(tb) = traceback {
             for l in tb.lines() {
-                println!("         {}", paint(l, "2", color));
+                outln!("         {}", paint(l, "2", color));
             }
         }
     }

@@ -2,6 +2,7 @@
 //! columns on a terminal or JSON lines when piped (or with `--json`); `--follow` streams new
 //! rows as they are committed.
 
+use super::out::stdout_error;
 use super::render::paint;
 use super::Context;
 use crate::exit::{usage, Code};
@@ -57,7 +58,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let client = ctx.connect().await?;
     let experiment = super::experiment_arg(&client, &args.experiment).await?;
     let json_out = args.json || !std::io::stdout().is_terminal();
-    let color = !json_out;
+    let color = !json_out && super::out::color_stdout();
     let since = args
         .since
         .map(|d| Utc::now() - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::zero()));
@@ -94,9 +95,18 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     // Newest first from the function; print oldest first, like a log.
     for r in rows.iter().rev() {
         last_id = last_id.max(r.get::<_, i64>("id"));
-        print_row(&mut out, r, json_out, color)?;
+        print_row(&mut out, r, json_out, color).map_err(stdout_error)?;
     }
-    out.flush()?;
+    // Said to a person only: JSON output stays empty, so `| jq` sees no records.
+    if rows.is_empty() && !json_out {
+        let text = if args.follow {
+            "no records yet; waiting for new ones (Ctrl-C to stop)"
+        } else {
+            "no records"
+        };
+        writeln!(out, "{text}").map_err(stdout_error)?;
+    }
+    out.flush().map_err(stdout_error)?;
     drop(out);
     if !args.follow {
         return Ok(Code::Success);

@@ -5,6 +5,7 @@
 //! The work is done by `db::migrate` and `db::schema`; this module only decides what to
 //! run and prints the result.
 
+use super::out::{out, outln};
 use super::Context;
 use crate::db::migrate::{self, MigrationStatus, State};
 use crate::db::schema::{self, Inventory, Kind};
@@ -54,11 +55,11 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         })?),
     };
     if args.show_queries && !args.check_only && !args.force && experiment.is_none() {
-        print!("{}", schema::sample_queries(None));
+        out!("{}", schema::sample_queries(None));
         return Ok(Code::Success);
     }
     if args.force && !args.yes && !confirm_force()? {
-        println!("Nothing dropped.");
+        outln!("Nothing dropped.");
         return Ok(Code::Failure);
     }
 
@@ -70,16 +71,16 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let before = schema::inspect(&client).await?;
     if args.force {
         migrate::drop_all(&mut client).await?;
-        println!("Dropped every monitoring object and its data (--force).");
+        outln!("Dropped every monitoring object and its data (--force).");
     }
     let report = migrate::apply(&mut client).await?;
     let after = schema::inspect(&client).await?;
 
-    println!("Migrations:");
+    outln!("Migrations:");
     for m in &report.migrations {
-        println!("  {}", migration_line(m));
+        outln!("  {}", migration_line(m));
     }
-    println!("Objects:");
+    outln!("Objects:");
     for item in &after.items {
         let existed = !args.force && before.has(item.kind, &item.name);
         let word = match (item.present, existed, item.required) {
@@ -93,9 +94,9 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         } else {
             ""
         };
-        println!("  {word}  {:<9} {}{note}", item.kind.label(), item.name);
+        outln!("  {word}  {:<9} {}{note}", item.kind.label(), item.name);
     }
-    println!(
+    outln!(
         "Partitions: {} daily partitions created (yesterday through 7 days ahead).",
         report.partitions_created
     );
@@ -103,16 +104,16 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let mut code = Code::Success;
     let changed = report.changed();
     if !changed.is_empty() {
-        eprintln!(
-            "pipewatch: warning: migration {} changed after it was applied; it was not re-run (run `migrate --force --yes` to recreate, losing data, or restore the file)",
+        super::out::note(&format!(
+            "warning: migration {} changed after it was applied; it was not re-run (run `migrate --force --yes` to recreate, losing data, or restore the file)",
             changed.join(", ")
-        );
+        ));
     }
     let missing: Vec<String> = after.missing().map(|i| i.name.clone()).collect();
     if missing.is_empty() {
-        println!("{}", summary("Schema complete", &after));
+        outln!("{}", summary("Schema complete", &after));
     } else {
-        println!("Still missing after migrate: {}", missing.join(", "));
+        outln!("Still missing after migrate: {}", missing.join(", "));
         code = Code::Failure;
     }
 
@@ -120,7 +121,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         match migrate::find_experiment(&client, id).await? {
             Some(exp) => {
                 let counts = migrate::insert_test_data(&client, id).await?;
-                println!(
+                outln!(
                     "Test data for experiment {} ({}): {} progress nodes, {} log records ({} errors), {} events, {} metric samples.",
                     exp.id, exp.name, counts.progress_nodes, counts.logs, counts.errors, counts.events, counts.metrics
                 );
@@ -141,7 +142,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         }
     }
     if args.show_queries {
-        print!("{}", schema::sample_queries(args.test_data.as_deref()));
+        out!("{}", schema::sample_queries(args.test_data.as_deref()));
     }
     Ok(code)
 }
@@ -160,19 +161,19 @@ async fn check_only(client: &tokio_postgres::Client) -> anyhow::Result<Code> {
         (Kind::Role, "Roles (optional)"),
     ];
     for (kind, title) in groups {
-        println!("{title}:");
+        outln!("{title}:");
         for item in inventory.items.iter().filter(|i| i.kind == kind) {
             let word = match (item.present, item.required) {
                 (true, _) => "ok     ",
                 (false, true) => "MISSING",
                 (false, false) => "absent ",
             };
-            println!("  {word}  {}", item.name);
+            outln!("  {word}  {}", item.name);
         }
     }
-    println!("Migrations:");
+    outln!("Migrations:");
     for m in &migrations {
-        println!("  {}", migration_line(m));
+        outln!("  {}", migration_line(m));
     }
     let missing = inventory.missing().count();
     let pending = migrations
@@ -184,7 +185,7 @@ async fn check_only(client: &tokio_postgres::Client) -> anyhow::Result<Code> {
         .filter(|m| matches!(m.state, State::Changed { .. }))
         .count();
     if missing == 0 && pending == 0 && changed == 0 {
-        println!("{}", summary("Up to date", &inventory));
+        outln!("{}", summary("Up to date", &inventory));
         Ok(Code::Success)
     } else {
         let mut parts = Vec::new();
@@ -197,7 +198,7 @@ async fn check_only(client: &tokio_postgres::Client) -> anyhow::Result<Code> {
         if changed > 0 {
             parts.push(format!("{changed} migrations changed since applied"));
         }
-        println!(
+        outln!(
             "Not up to date: {}. Run `pipewatch migrate`.",
             parts.join(", ")
         );

@@ -9,12 +9,16 @@ use crate::exit::{usage, Code};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+pub mod access;
 pub mod check_config;
 pub mod cleanup;
 pub mod demo;
 pub mod errors;
+pub mod experiments;
 pub mod logs;
+pub mod manpage;
 pub mod migrate;
+pub mod out;
 pub mod progress;
 pub mod render;
 pub mod run;
@@ -67,6 +71,11 @@ pub enum Command {
     Status(status::Args),
     /// Demonstrate pipewatch end to end against a throwaway local PostgreSQL
     Demo(demo::Args),
+    /// Create or list experiments (rows that give an experiment id a name)
+    Experiments(experiments::Args),
+    /// Print the man page (roff), generated from this command line
+    #[command(hide = true)]
+    Manpage,
     /// The demo's simulated pipeline daemon
     #[command(hide = true)]
     DemoDaemon(demo::DaemonArgs),
@@ -93,23 +102,42 @@ impl Context {
         Ok(config)
     }
 
-    /// Loads the config file when there is one; a missing default file is not an error.
+    /// Loads the config file when there is one; a missing default file is not an error. A
+    /// default file this user may not read (the packaged one is `root:pipewatch 0640`) is
+    /// skipped with a one-line note when the database URL comes from elsewhere; a file
+    /// chosen with `--config` or `PIPEWATCH_CONFIG` must always be readable.
     pub fn optional_config(&self) -> anyhow::Result<Option<Config>> {
-        if !self.config_explicit && !self.config_path.exists() {
-            return Ok(None);
+        if !self.config_explicit {
+            match std::fs::File::open(&self.config_path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if self.url_outside_config().is_some() => {
+                    out::note(&format!(
+                        "note: skipping the default config {} ({e}); this command needs only the database URL given",
+                        self.config_path.display()
+                    ));
+                    return Ok(None);
+                }
+                Err(_) => {}
+            }
         }
         self.load_config().map(Some)
     }
 
+    /// The database URL from the flag or the environment, if either gives one.
+    fn url_outside_config(&self) -> Option<String> {
+        if let Some(u) = &self.database_url_flag {
+            return Some(u.clone());
+        }
+        std::env::var("PIPEWATCH_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+    }
+
     /// The database URL by precedence: flag > `PIPEWATCH_DATABASE_URL` > `[database] url`.
     pub fn database_url(&self, config: Option<&Config>) -> anyhow::Result<String> {
-        if let Some(u) = &self.database_url_flag {
-            return Ok(u.clone());
-        }
-        if let Ok(u) = std::env::var("PIPEWATCH_DATABASE_URL") {
-            if !u.trim().is_empty() {
-                return Ok(u);
-            }
+        if let Some(u) = self.url_outside_config() {
+            return Ok(u);
         }
         if let Some(u) = config.and_then(|c| c.database.url.clone()) {
             return Ok(u);
@@ -158,12 +186,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<Code> {
         Command::Cleanup(a) => cleanup::execute(a, &ctx).await,
         Command::Status(a) => status::execute(a, &ctx).await,
         Command::Demo(a) => demo::execute(a, &ctx).await,
+        Command::Experiments(a) => experiments::execute(a, &ctx).await,
+        Command::Manpage => manpage::execute(),
         Command::DemoDaemon(a) => demo::run_daemon(a),
     }
 }
 
-/// An `--experiment` value (UUID or name) as an id; an unknown one is an error that lists a
-/// few experiments that do exist.
+/// An `--experiment` value (UUID or name) as an id. An unknown one — a name no experiment
+/// has, or a UUID with neither an experiments row nor any record — is an error (exit 1) that
+/// lists a few experiments that do exist.
 pub async fn experiment_arg(
     client: &tokio_postgres::Client,
     value: &str,
@@ -171,25 +202,45 @@ pub async fn experiment_arg(
     if let Some(id) = crate::db::queries::resolve_experiment(client, value).await? {
         return Ok(id);
     }
-    let known = client
-        .query(
-            "SELECT id::text, coalesce(name, '') FROM experiments ORDER BY id LIMIT 5",
-            &[],
-        )
+    let what = match uuid::Uuid::parse_str(value) {
+        Ok(id) => format!("no experiment with id {id} (no experiments row and no records)"),
+        Err(_) => format!("no experiment named {value:?}"),
+    };
+    let known: Vec<String> = crate::db::queries::some_experiments(client, 5)
         .await
-        .map(|rows| {
-            rows.iter()
-                .map(|r| format!("{} ({})", r.get::<_, String>(1), r.get::<_, String>(0)))
-                .collect::<Vec<_>>()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, name)| match name {
+            Some(n) => format!("{n} ({id})"),
+            None => id.to_string(),
         })
-        .unwrap_or_default();
+        .collect();
     if known.is_empty() {
-        anyhow::bail!("no experiment named {value:?}, and the experiments table is empty")
+        anyhow::bail!("{what}, and there are no experiments yet")
     }
-    anyhow::bail!(
-        "no experiment named {value:?}; some that exist: {}",
-        known.join(", ")
-    )
+    anyhow::bail!("{what}; some that exist: {}", known.join(", "))
+}
+
+/// The shortest `--interval` accepted: anything faster only burns CPU and floods the screen.
+pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Parses an interval: a bare number is seconds (`5`, `0.5`), anything else a duration
+/// (`500ms`, `2s`, `1m`); at least [`MIN_INTERVAL`].
+pub fn interval_arg(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let d = match t.parse::<f64>() {
+        Ok(secs) if (0.0..1e9).contains(&secs) => std::time::Duration::from_secs_f64(secs),
+        Ok(_) => return Err(format!("{s:?} is not a number of seconds")),
+        Err(_) => humantime::parse_duration(t).map_err(|e| {
+            format!("{s:?} is not an interval ({e}): write seconds (5) or a duration (500ms, 2s)")
+        })?,
+    };
+    if d < MIN_INTERVAL {
+        return Err(format!(
+            "{s:?} is too short: the interval must be at least 200ms"
+        ));
+    }
+    Ok(d)
 }
 
 /// A LIKE pattern matching `text` anywhere, with `%`, `_` and `\\` escaped.

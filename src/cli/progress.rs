@@ -1,11 +1,12 @@
 //! `pipewatch progress`: an experiment's progress tree (`get_progress_tree`) drawn with bars,
 //! percent, status and age; `--watch` redraws it.
 
+use super::out::{out, outln};
 use super::render;
 use super::Context;
 use crate::exit::Code;
 use chrono::Utc;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
@@ -16,39 +17,42 @@ pub struct Args {
     /// Redraw every few seconds until Ctrl-C
     #[arg(long, short)]
     pub watch: bool,
-    /// Seconds between redraws with --watch
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    /// Time between redraws with --watch: seconds (5, 0.5) or a duration (500ms, 2s, 1m);
+    /// at least 200ms
+    #[arg(long, default_value = "2", value_parser = super::interval_arg)]
     pub interval: Duration,
 }
 
 pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let client = ctx.connect().await?;
     let experiment = super::experiment_arg(&client, &args.experiment).await?;
-    let color = std::io::stdout().is_terminal();
+    // Named as the other commands name it: by name where the experiment has one.
+    let label = crate::db::queries::experiment_name(&client, experiment)
+        .await?
+        .unwrap_or_else(|| experiment.to_string());
+    let color = super::out::color_stdout();
+    let terminal = std::io::stdout().is_terminal();
     let mut stop = super::StopSignals::new()?;
     loop {
         let rows = crate::db::queries::progress_tree(&client, experiment).await?;
         let text = if rows.is_empty() {
-            format!("no progress recorded for experiment {experiment}\n")
+            format!("no progress recorded for experiment {label}\n")
         } else {
             render::progress_tree(&rows, Utc::now(), color)
         };
-        if args.watch && color {
-            print!("\x1b[H\x1b[2J");
-            println!(
+        if args.watch && terminal {
+            out!("\x1b[H\x1b[2J");
+            outln!(
                 "{}",
                 render::paint(
-                    &format!(
-                        "progress of {experiment} — {}",
-                        Utc::now().format("%H:%M:%S")
-                    ),
+                    &format!("progress of {label} — {}", Utc::now().format("%H:%M:%S")),
                     "1",
-                    true
+                    color
                 )
             );
         }
-        print!("{text}");
-        let _ = std::io::stdout().flush();
+        out!("{text}");
+        super::out::flush()?;
         if !args.watch {
             return Ok(Code::Success);
         }
@@ -56,8 +60,8 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             _ = tokio::time::sleep(args.interval) => {}
             _ = stop.recv() => return Ok(Code::Success),
         }
-        if !color {
-            println!();
+        if !terminal {
+            outln!();
         }
     }
 }

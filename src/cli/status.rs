@@ -1,20 +1,20 @@
 //! `pipewatch status`: the fleet at a glance from the database — agents by host with their last
 //! commit, table and partition sizes, oldest and newest partition, migrations applied.
 
+use super::out::outln;
 use super::render::{age, paint};
 use super::Context;
 use crate::exit::Code;
 use chrono::{DateTime, Utc};
-use std::io::IsTerminal;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
 pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let client = ctx.connect().await?;
-    let color = std::io::stdout().is_terminal();
+    let color = super::out::color_stdout();
     let now = Utc::now();
-    println!("{}", paint("agents", "1", color));
+    outln!("{}", paint("agents", "1", color));
     let agents = client
         .query(
             "SELECT host, array_to_string(daemons, ','), coalesce(version, '-'), last_commit_at, \
@@ -24,7 +24,7 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
         )
         .await?;
     if agents.is_empty() {
-        println!("  no agent has committed anything yet");
+        outln!("  no agent has committed anything yet");
     }
     for r in &agents {
         let host: String = r.get(0);
@@ -34,12 +34,12 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
         let shipped: i64 = r.get(4);
         let quarantined: i64 = r.get(5);
         let lag: String = r.get(6);
-        println!(
+        outln!(
             "  {host:<20} {daemons:<30} v{version:<8} last commit {:<10} shipped {shipped} quarantined {quarantined} lag {lag} B",
             age(last, now)
         );
     }
-    println!("\n{}", paint("tables", "1", color));
+    outln!("\n{}", paint("tables", "1", color));
     let sizes = client
         .query(
             "SELECT c.relname, pg_size_pretty(CASE WHEN c.relkind = 'p' THEN \
@@ -62,7 +62,7 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
         } else {
             String::new()
         };
-        println!("  {name:<30} {size:>10}  {p}");
+        outln!("  {name:<30} {size:>10}  {p}");
     }
     let range = client
         .query_opt(
@@ -75,13 +75,13 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
     if let Some(r) = range {
         let oldest: Option<String> = r.get(0);
         let newest: Option<String> = r.get(1);
-        println!(
+        outln!(
             "  log partitions: oldest {}, newest {}",
             oldest.unwrap_or_else(|| "-".into()),
             newest.unwrap_or_else(|| "-".into())
         );
     }
-    println!("\n{}", paint("migrations", "1", color));
+    outln!("\n{}", paint("migrations", "1", color));
     let migrations = client
         .query(
             "SELECT version, coalesce(name, ''), applied_at FROM pipewatch_schema_migrations ORDER BY version",
@@ -92,7 +92,7 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
         let v: String = r.get(0);
         let name: String = r.get(1);
         let at: DateTime<Utc> = r.get(2);
-        println!(
+        outln!(
             "  {v} {name:<30} applied {}",
             at.format("%Y-%m-%d %H:%M:%S")
         );

@@ -5,6 +5,7 @@
 //! propagation), every query function and view, partition creation, retention and the
 //! agent role. Prints a checklist; exits 1 when any check fails. Leaves no data behind.
 
+use super::out::outln;
 use super::Context;
 use crate::db::migrate::{self, State};
 use crate::db::schema::{self, Inventory, Kind};
@@ -70,24 +71,24 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let list = run(&client).await?;
     let mut failed = 0;
     let mut skipped = 0;
-    println!("Success Metrics:");
+    outln!("Success Metrics:");
     for (name, outcome) in &list.items {
         match outcome {
-            Outcome::Pass(d) if d.is_empty() => println!("  ✅ {name}"),
-            Outcome::Pass(d) => println!("  ✅ {name} ({d})"),
+            Outcome::Pass(d) if d.is_empty() => outln!("  ✅ {name}"),
+            Outcome::Pass(d) => outln!("  ✅ {name} ({d})"),
             Outcome::Skip(d) => {
                 skipped += 1;
-                println!("  ➖ {name}: skipped{d}");
+                outln!("  ➖ {name}: skipped{d}");
             }
             Outcome::Fail(e) => {
                 failed += 1;
-                println!("  ❌ {name}: {e}");
+                outln!("  ❌ {name}: {e}");
             }
         }
     }
     let total = list.items.len();
     if failed == 0 {
-        println!(
+        outln!(
             "All {} checks passed{}; test data rolled back.",
             total - skipped,
             if skipped > 0 {
@@ -98,7 +99,7 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
         );
         Ok(Code::Success)
     } else {
-        println!("{failed} of {total} checks FAILED; test data rolled back.");
+        outln!("{failed} of {total} checks FAILED; test data rolled back.");
         Ok(Code::Failure)
     }
 }

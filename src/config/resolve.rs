@@ -189,7 +189,9 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
         let expected: Vec<&str> = caps
             .get(2)
             .map_or("", |m| m.as_str())
+            // serde lists three or more as "`a`, `b`, `c`" and two as "`a` or `b`".
             .split(", ")
+            .flat_map(|s| s.split(" or "))
             .map(|s| s.trim_matches('`'))
             .collect();
         let mut reason = format!("unknown key `{key}`");
@@ -495,7 +497,7 @@ impl Resolver<'_> {
                     "retention",
                     "older_than",
                     r.older_than.as_ref().map(|v| format!("{v:?}")),
-                    "retention works in whole days: at least \"1d\"",
+                    "retention keeps at least \"1d\" (the age is honoured to the second)",
                 );
             }
             Some(RetentionConfig { older_than })

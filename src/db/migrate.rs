@@ -44,6 +44,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0007", "agent_bookkeeping"),
     migration!("0008", "roles"),
     migration!("0009", "retention"),
+    migration!("0010", "exact_retention"),
     migration!("0011", "checkpoint_identity"),
 ];
 
@@ -270,6 +271,8 @@ DROP FUNCTION IF EXISTS get_progress_tree(uuid),
                         get_experiment_logs(uuid, text, text, integer, timestamptz, text),
                         get_error_summary(uuid, timestamptz),
                         cleanup_old_logs(integer),
+                        pipewatch_cleanup_older_than(interval),
+                        pipewatch_cleanup_before(timestamptz),
                         update_parent_progress(),
                         pipewatch_ensure_partitions(timestamptz, timestamptz),
                         pipewatch_level_rank(text) CASCADE;

@@ -7,5 +7,6 @@ pub mod queries;
 pub mod schema;
 pub mod throwaway;
 pub mod tls;
+pub mod usable;
 
 pub use connect::{connect, DbTarget};

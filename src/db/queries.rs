@@ -48,10 +48,23 @@ pub async fn progress_tree(client: &Client, experiment: Uuid) -> anyhow::Result<
         .collect())
 }
 
-/// Resolves an experiment given as a UUID or a name (exact name, newest first).
+/// Resolves an experiment given as a UUID or a name (exact name, newest first). A UUID is
+/// known when it has an experiments row or any record (no table references experiments, so
+/// records may come first).
 pub async fn resolve_experiment(client: &Client, id_or_name: &str) -> anyhow::Result<Option<Uuid>> {
     if let Ok(u) = Uuid::parse_str(id_or_name) {
-        return Ok(Some(u));
+        let known: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM experiments WHERE id = $1) \
+                     OR EXISTS (SELECT 1 FROM pipeline_logs WHERE experiment_id = $1) \
+                     OR EXISTS (SELECT 1 FROM pipeline_progress WHERE experiment_id = $1) \
+                     OR EXISTS (SELECT 1 FROM pipeline_events WHERE experiment_id = $1) \
+                     OR EXISTS (SELECT 1 FROM pipeline_metrics WHERE experiment_id = $1)",
+                &[&u],
+            )
+            .await?
+            .get(0);
+        return Ok(known.then_some(u));
     }
     let row = client
         .query_opt(
@@ -60,4 +73,53 @@ pub async fn resolve_experiment(client: &Client, id_or_name: &str) -> anyhow::Re
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
+}
+
+/// The experiment's name, when it has an experiments row with one.
+pub async fn experiment_name(client: &Client, id: Uuid) -> anyhow::Result<Option<String>> {
+    let row = client
+        .query_opt(
+            "SELECT name::text FROM experiments WHERE id = $1 AND name IS NOT NULL",
+            &[&id],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Up to `limit` experiments to suggest: rows of `experiments` (newest first), else ids that
+/// only records carry.
+pub async fn some_experiments(
+    client: &Client,
+    limit: i64,
+) -> anyhow::Result<Vec<(Uuid, Option<String>)>> {
+    // The real database's experiments table may lack created_at.
+    let rows = match client
+        .query(
+            "SELECT id, name::text FROM experiments ORDER BY created_at DESC NULLS LAST, id LIMIT $1",
+            &[&limit],
+        )
+        .await
+    {
+        Ok(rows) => rows,
+        Err(_) => {
+            client
+                .query(
+                    "SELECT id, name::text FROM experiments ORDER BY id LIMIT $1",
+                    &[&limit],
+                )
+                .await?
+        }
+    };
+    let mut out: Vec<(Uuid, Option<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    if (out.len() as i64) < limit {
+        let rows = client
+            .query(
+                "SELECT DISTINCT experiment_id FROM pipeline_progress \
+                 WHERE experiment_id NOT IN (SELECT id FROM experiments) LIMIT $1",
+                &[&(limit - out.len() as i64)],
+            )
+            .await?;
+        out.extend(rows.iter().map(|r| (r.get(0), None)));
+    }
+    Ok(out)
 }

@@ -69,6 +69,9 @@ pub const HELPER_FUNCTIONS: &[&str] = &[
     "pipewatch_ensure_partitions(timestamptz,timestamptz)",
     "pipewatch_level_rank(text)",
     "pipewatch_apply_retention(integer,text,interval)",
+    "pipewatch_cleanup_before(timestamptz)",
+    "pipewatch_cleanup_older_than(interval)",
+    "pipewatch_apply_retention(interval,text,interval)",
 ];
 
 /// The partitioned tables.

@@ -5,6 +5,7 @@
 mod support;
 
 mod config;
+mod day_one;
 mod harness;
 mod identity;
 mod metrics;

@@ -3,7 +3,7 @@
 use crate::support::{pg, pipewatch, pipewatch_cmd, text};
 use std::process::Stdio;
 
-const MIGRATIONS: usize = 10;
+const MIGRATIONS: usize = 11;
 
 fn migrate(url: &str, extra: &[&str]) -> (i32, String, String) {
     let mut args = vec!["--database-url", url, "migrate"];
@@ -45,7 +45,7 @@ fn check_only_on_an_empty_database_lists_everything_missing_then_migrate_fixes_i
     assert_eq!(out.matches("PENDING").count(), MIGRATIONS, "{out}");
     assert!(
         out.contains(&format!(
-            "Not up to date: 27 objects missing, {MIGRATIONS} migrations pending"
+            "Not up to date: 30 objects missing, {MIGRATIONS} migrations pending"
         )),
         "{out}"
     );
@@ -63,7 +63,7 @@ fn check_only_on_an_empty_database_lists_everything_missing_then_migrate_fixes_i
     assert_eq!(out.matches("applied now").count(), MIGRATIONS, "{out}");
     assert!(out.contains("created  table     pipeline_logs"), "{out}");
     assert!(
-        out.contains("Schema complete: 9/9 tables, 3/3 views, 8/8 functions"),
+        out.contains("Schema complete: 9/9 tables, 3/3 views, 11/11 functions"),
         "{out}"
     );
     assert!(!out.contains("MISSING"), "{out}");

@@ -228,7 +228,7 @@ fn cleanup_dry_run_counts_then_deletes() {
     let (code, out, err) = run(&env, &["cleanup", "--older-than", "30d"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(
-        out.starts_with("deleted 1 log, event and metric rows older than 30 days"),
+        out.starts_with("deleted 1 log, event and metric rows older than 30days (before "),
         "{out}"
     );
     assert_eq!(env.count("SELECT count(*) FROM pipeline_logs"), 50);

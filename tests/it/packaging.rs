@@ -23,6 +23,8 @@ fn the_unit_file_verifies_and_is_hardened() {
         "PrivateTmp=yes",
         "CapabilityBoundingSet=\n",
         "ReadOnlyPaths=/",
+        "LimitNOFILE=65536",
+        "ExecStartPre=/usr/bin/pipewatch --config /etc/pipewatch/pipewatch.toml check-config\n",
     ] {
         assert!(unit.contains(want), "unit lacks {want:?}");
     }

@@ -166,7 +166,7 @@ fn check_config_lists_rules_and_sample_shows_what_they_produce() {
         ),
     )
     .unwrap();
-    let url = pg::fresh_db();
+    let url = crate::support::agent::Env::new().db; // migrated: check-config checks the schema
     let (code, stdout, stderr) = check_config(
         &config,
         &["--database-url", &url, "--sample", sample.to_str().unwrap()],
@@ -234,7 +234,7 @@ progress = {{ parent_node_id = "{{record.component}}", level = "substep" }}
          2024-05-01 12:00:01,000 WARNING geo.io: tile t-8 unknown\n",
     )
     .unwrap();
-    let url = pg::fresh_db();
+    let url = crate::support::agent::Env::new().db; // migrated: check-config checks the schema
     let (code, stdout, stderr) = check_config(
         &config,
         &["--database-url", &url, "--sample", sample.to_str().unwrap()],

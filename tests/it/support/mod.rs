@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod nonroot;
 pub mod pg;
 
 use std::path::PathBuf;
