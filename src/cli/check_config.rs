@@ -95,6 +95,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             }
         }
     }
+    let mut refused = false;
     match ctx.db_target(Some(&config)) {
         Ok(target) => match crate::db::connect(&target).await {
             Ok(client) => match client.query_one("SELECT version()", &[]).await {
@@ -113,6 +114,8 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             },
             Err(e) => {
                 ok = false;
+                // A refused login is a configuration error (exit 2), not an outage.
+                refused |= e.chain().any(|c| c.is::<crate::exit::UsageError>());
                 println!("  [fail] {e:#}");
             }
         },
@@ -124,5 +127,11 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     if let Some(sample) = &args.sample {
         crate::agent::rules::print_sample(&config, args.daemon.as_deref(), sample)?;
     }
-    Ok(if ok { Code::Success } else { Code::Failure })
+    Ok(if refused {
+        Code::Usage
+    } else if ok {
+        Code::Success
+    } else {
+        Code::Failure
+    })
 }

@@ -8,6 +8,6 @@ pub mod redact;
 pub mod resolve;
 
 pub use resolve::{
-    load, AgentConfig, BatchConfig, Config, ConfigError, DaemonConfig, DatabaseConfig, Format,
-    RetentionConfig, StartAt,
+    load, AgentConfig, BatchConfig, Config, ConfigError, ConnectionLimits, DaemonConfig,
+    DatabaseConfig, Format, RetentionConfig, StartAt,
 };
