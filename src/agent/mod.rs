@@ -335,6 +335,12 @@ async fn notify_systemd(activity: activity::SharedActivity, stop: CancellationTo
         .min(Duration::from_secs(10));
     loop {
         let status = match activity.lock() {
+            Ok(a) if a.agent.db_problem.is_some() => {
+                format!(
+                    "STATUS={}",
+                    a.agent.db_problem.as_deref().unwrap_or_default()
+                )
+            }
             Ok(a) => format!(
                 "STATUS=files {}, records shipped {}, lag {} bytes, reconnects {}",
                 a.files.len(),
