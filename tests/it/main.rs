@@ -5,6 +5,7 @@
 mod support;
 
 mod config;
+mod faults;
 mod harness;
 mod metrics;
 mod migrate;

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod pg;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
