@@ -199,8 +199,14 @@ impl LoginRefused {
             return None;
         }
         let code = pg.code().map(|c| c.code().to_string());
+        let hba = pg
+            .as_db_error()
+            .is_some_and(|db| db.message().contains("pg_hba.conf"));
         let fix = match code.as_deref() {
             Some("42501") => "grant the role CONNECT on the database",
+            Some(_) if hba => {
+                "the server's pg_hba.conf does not admit this host, role, database or sslmode"
+            }
             None => {
                 "no password is configured: set password_file, the URL's password or PGPASSWORD"
             }

@@ -473,3 +473,46 @@ fn a_lock_on_the_agent_row_held_elsewhere_delays_commits_but_never_blocks_them_f
         "{stderr}"
     );
 }
+
+#[test]
+fn database_deadlines_are_validated_with_file_line_key_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[database]\nurl = \"postgres://u@127.0.0.1:1/db\"\nquery_timeout = \"0s\"\n\
+         connect_timeout = \"soon\"\nkeepalives_count = 0\ntcp_user_timeout = \"500ms\"\n\
+         keepalive_idle = \"30s\"\n\n[daemons.app]\nlogs = [\"/tmp/none/*.jsonl\"]\n",
+    )
+    .unwrap();
+    let out = pipewatch_cmd(&["--config", cfg.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    let (_, stderr) = crate::support::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    // An unknown key stops parsing first, with a suggestion.
+    assert!(stderr.contains("keepalive_idle"), "{stderr}");
+    assert!(stderr.contains("keepalives_idle"), "{stderr}");
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("keepalive_idle = \"30s\"\n", ""),
+    )
+    .unwrap();
+    let out = pipewatch_cmd(&["--config", cfg.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    let (_, stderr) = crate::support::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let file = cfg.display().to_string();
+    for expected in [
+        format!("{file}:3: database.query_timeout = \"0s\": must be greater than zero"),
+        format!("{file}:4: database.connect_timeout = \"soon\": not a duration"),
+        format!("{file}:5: database.keepalives_count = 0: must be between 1 and 100"),
+        format!("{file}:6: database.tcp_user_timeout = \"500ms\": must be at least \"1s\""),
+    ] {
+        assert!(stderr.contains(&expected), "{expected}\n{stderr}");
+    }
+    assert_eq!(stderr.lines().count(), 4, "{stderr}");
+}
