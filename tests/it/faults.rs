@@ -266,12 +266,14 @@ fn every_command_refuses(env: &Env, url: &str, reason: &str, fix: &str) {
         &["verify"],
         &["check-config"],
     ];
+    let mut slowest = Duration::ZERO;
     for args in commands {
         let mut all = vec!["--config", cfg];
         all.extend_from_slice(args);
         let t = Instant::now();
         let out = pipewatch_cmd(&all).output().unwrap();
         let took = t.elapsed();
+        slowest = slowest.max(took);
         let (stdout, stderr) = crate::support::text(&out);
         let said = format!("{stdout}{stderr}");
         assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
@@ -303,6 +305,7 @@ fn every_command_refuses(env: &Env, url: &str, reason: &str, fix: &str) {
             );
         }
     }
+    eprintln!("{reason}: the slowest command exited 2 after {slowest:?}");
 }
 
 #[test]
