@@ -61,6 +61,9 @@ pub struct AgentCounters {
     pub reconnects: u64,
     pub batches_committed: u64,
     pub last_commit_at: Option<DateTime<Utc>>,
+    /// Why the database cannot be used right now (unreachable, login refused), for systemd's
+    /// `STATUS=`; `None` while it works.
+    pub db_problem: Option<String>,
 }
 
 /// Everything the agent's tasks share about activity.

@@ -351,6 +351,11 @@ async fn notify_systemd(activity: activity::SharedActivity, stop: CancellationTo
         .min(Duration::from_secs(10));
     loop {
         let status = match activity.lock() {
+            // Why the database cannot be used (login refused, unreachable) comes first.
+            Ok(a) if a.agent.db_problem.is_some() => {
+                let problem = a.agent.db_problem.as_deref().unwrap_or_default();
+                format!("STATUS={problem}")
+            }
             Ok(a) => format!(
                 "STATUS=files {}, records shipped {}, lag {} bytes, reconnects {}",
                 a.files.len(),

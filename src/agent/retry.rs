@@ -13,6 +13,10 @@ pub enum ErrorKind {
     Data,
     /// Missing tables or privileges: nothing pipewatch can fix by itself.
     Schema,
+    /// The server refused the login (password, role, database name, CONNECT privilege): a
+    /// configuration error, not an outage. Retried slowly by a running agent only. Told
+    /// apart at connect time by `db::connect::is_login_error`.
+    Login,
 }
 
 /// Classifies by SQLSTATE class; errors without a SQLSTATE are connection problems.

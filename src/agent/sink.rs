@@ -3,12 +3,19 @@
 //! together (exactly once). Retries on connection loss, splits a batch the database refuses
 //! to isolate the bad record, and never loses the records behind it.
 //!
+//! A commit whose reply was lost is recognised inside the next attempt's own transaction:
+//! it first locks the agent's row and compares `last_batch_id` with the batch's id. Every
+//! attempt has a deadline (`query_timeout` plus time for the bytes it sends), so a connection
+//! that went silent is dropped and replaced instead of waited on forever. A refused login is
+//! a configuration error: fatal with `--once`, retried slowly (and said plainly) otherwise.
+//!
 //! The only agent module that talks to PostgreSQL.
 
 use crate::agent::activity::SharedActivity;
 use crate::agent::batch::{Batch, Checkpoint};
 use crate::agent::copyrow::{self, EncodedRow};
 use crate::agent::retry::{classify, Backoff, ErrorKind};
+use crate::db::connect::LoginRefused;
 use crate::db::DbTarget;
 use crate::model::{EventRow, Level, LogRow, MetricRow, ProgressRow};
 use bytes::{Bytes, BytesMut};
@@ -86,6 +93,28 @@ const UPSERT_AGENT: &str = "INSERT INTO pipewatch_agents AS a (agent_id, host, d
 /// The longest wait between two attempts to reach the database.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// The wait between two logins after the server refused one (±25 %): slow, since only a
+/// person can fix it, but a password fixed under a running agent is picked up.
+pub const LOGIN_RETRY: Duration = Duration::from_secs(45);
+
+/// The login retry; `PIPEWATCH_LOGIN_RETRY_SECS` shortens it (for tests).
+fn login_retry() -> Duration {
+    std::env::var("PIPEWATCH_LOGIN_RETRY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(LOGIN_RETRY)
+}
+
+/// Locks the agent's row for the rest of the transaction and reads the id of the last batch
+/// it committed: the lost-reply check, serialised with any other transaction of this agent.
+const LOCK_AGENT: &str =
+    "SELECT last_batch_id FROM pipewatch_agents WHERE agent_id = $1 FOR UPDATE";
+
+/// Creates the agent's row on its first commit (a concurrent creator wins; then it is locked).
+const CREATE_AGENT: &str = "INSERT INTO pipewatch_agents (agent_id, host, daemons) \
+     VALUES ($1, $2, $3) ON CONFLICT (agent_id) DO NOTHING";
+
 /// Why a commit could not be completed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -99,6 +128,9 @@ pub enum SinkError {
     /// The schema is missing or the role lacks privileges.
     #[error("{0}")]
     Schema(String),
+    /// The server refused the login (`--once` only; a running agent keeps trying slowly).
+    #[error("{0}")]
+    Login(LoginRefused),
     /// Shutdown's drain deadline passed before the batch could be committed.
     #[error("gave up committing at shutdown: {0}")]
     Deadline(String),
@@ -109,18 +141,22 @@ pub enum SinkError {
 pub struct SinkOptions {
     /// Give up after the database has been unreachable this long (`run --once`: 30 s).
     pub give_up_after: Option<Duration>,
-    /// Schema errors are fatal (`--once`) rather than retried.
+    /// Configuration errors — a missing schema or privilege, a refused login — are fatal
+    /// (`--once`) rather than retried.
     pub schema_fatal: bool,
     /// The agent's stop signal: once it fires, retrying ends after `drain`.
     pub stop: Option<tokio_util::sync::CancellationToken>,
     pub drain: Duration,
 }
 
-/// A failed attempt: its kind, a one-line description, and whether the error was raised by
-/// the statement that wrote log rows (so splitting them can help).
+/// A failed attempt: its kind, a one-line description, and whether the database could not
+/// be reached at all (no connection, connection lost, no reply): that is an outage.
 struct Failure {
     kind: ErrorKind,
     text: String,
+    disconnected: bool,
+    /// Set when the server refused the login.
+    refused: Option<LoginRefused>,
 }
 
 impl From<tokio_postgres::Error> for Failure {
@@ -128,36 +164,89 @@ impl From<tokio_postgres::Error> for Failure {
         Failure {
             kind: classify(&e),
             text: describe(&e),
+            disconnected: e.is_closed() || e.code().is_none(),
+            refused: None,
         }
     }
 }
 
-/// One line: SQLSTATE, message and detail of a database error.
-pub fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut s = format!("{} {}", db.code().code(), db.message());
-            if let Some(d) = db.detail() {
-                s.push_str(&format!(" ({d})"));
-            }
-            s
-        }
-        None => {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(e);
-            while let Some(cause) = src {
-                s.push_str(&format!(": {cause}"));
-                src = cause.source();
-            }
-            s
+impl Failure {
+    /// No reply within `limit`: the connection is presumed dead.
+    fn silent(limit: Duration) -> Failure {
+        Failure {
+            kind: ErrorKind::Retry,
+            text: format!("no reply from the database for {}", seconds(limit)),
+            disconnected: true,
+            refused: None,
         }
     }
+}
+
+/// What a successful attempt found.
+enum Written {
+    /// Committed now, with this many records quarantined.
+    Now(usize),
+    /// An earlier attempt had committed the batch; its reply was lost.
+    Before,
+}
+
+/// An outage in progress: since when, and how many attempts failed.
+struct Outage {
+    since: Instant,
+    failed: u32,
+}
+
+/// "30 s", "2.5 s".
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+pub use crate::db::connect::describe;
+
+/// How long one attempt to write a batch may take: `query_timeout` for the replies, plus a
+/// second per MiB sent (a link slower than 1 MiB/s is not "healthy"), times the passes that
+/// isolating a refused record may make over the rows (halving: about log2(rows) + 2), plus
+/// 10 ms per row for isolation's savepoints. A large legitimate batch is not cut; a silent
+/// connection is noticed after about `query_timeout`.
+pub fn attempt_deadline(
+    query_timeout: Duration,
+    bytes: usize,
+    rows: usize,
+    isolate: bool,
+) -> Duration {
+    let transfer = Duration::from_secs_f64(bytes as f64 / (1024.0 * 1024.0));
+    if !isolate {
+        return query_timeout + transfer;
+    }
+    let passes = 2 + (usize::BITS - rows.leading_zeros());
+    query_timeout + transfer * passes + Duration::from_millis(10) * rows as u32
+}
+
+/// Session settings of the sink's connections, from `query_timeout`: a lock wait ends with an
+/// error (retried) instead of hanging, and the server itself ends a transaction whose
+/// connection went silent, releasing the agent's row for the next attempt.
+fn session_settings(query_timeout: Duration) -> String {
+    let ms = query_timeout.as_millis();
+    format!(
+        "SET lock_timeout = '{}ms'; SET idle_in_transaction_session_timeout = '{ms}ms'",
+        ms / 2
+    )
 }
 
 /// The sink's connection and identity.
 pub struct Sink {
     target: DbTarget,
     client: Option<Client>,
+    /// The task driving `client`'s connection; aborted to close a silent socket.
+    conn_task: Option<tokio::task::AbortHandle>,
+    /// Since when the database has been unreachable (or refusing the login), if it is.
+    outage: Option<Outage>,
+    /// Spaces out logins after a refusal.
+    login_backoff: Backoff,
     pub agent_id: String,
     host: String,
     daemons: Vec<String>,
@@ -182,6 +271,9 @@ impl Sink {
         Sink {
             target,
             client: None,
+            conn_task: None,
+            outage: None,
+            login_backoff: Backoff::new(login_retry(), login_retry()),
             agent_id: format!("{host}/{}", sorted.join(",")),
             host,
             daemons: sorted,
@@ -193,24 +285,116 @@ impl Sink {
         }
     }
 
-    /// Connects (once) and returns the client; errors are connection failures.
+    /// Connects (once) and returns the client; errors are connection failures or a refused
+    /// login.
     async fn client(&mut self) -> Result<&mut Client, Failure> {
         if self.client.as_ref().is_some_and(|c| c.is_closed()) {
-            self.client = None;
+            self.disconnect();
         }
         if self.client.is_none() {
-            let c = crate::db::tls::connect(&self.target)
-                .await
-                .map_err(|e| Failure {
-                    kind: ErrorKind::Retry,
-                    text: format!("{e:#}"),
-                })?;
+            let (c, task) = match crate::db::tls::connect_with_task(&self.target).await {
+                Ok(connected) => connected,
+                Err(e) => {
+                    return Err(match LoginRefused::find(&self.target, &e) {
+                        Some(refused) => Failure {
+                            kind: ErrorKind::Login,
+                            text: refused.to_string(),
+                            disconnected: false,
+                            refused: Some(refused),
+                        },
+                        None => Failure {
+                            kind: ErrorKind::Retry,
+                            text: format!("{e:#}"),
+                            disconnected: true,
+                            refused: None,
+                        },
+                    })
+                }
+            };
+            let limit = self.target.limits.query_timeout;
+            let settings = session_settings(limit);
+            let set = match tokio::time::timeout(limit, c.batch_execute(&settings)).await {
+                Ok(r) => r.map_err(Failure::from),
+                Err(_) => Err(Failure::silent(limit)),
+            };
+            if let Err(f) = set {
+                task.abort();
+                return Err(f);
+            }
             self.client = Some(c);
+            self.conn_task = Some(task);
+            self.note_reachable();
         }
         self.client.as_mut().ok_or_else(|| Failure {
             kind: ErrorKind::Retry,
             text: "not connected".into(),
+            disconnected: true,
+            refused: None,
         })
+    }
+
+    /// Drops the connection. Its task is aborted too: a request waiting on a silent socket
+    /// would otherwise keep that socket open for as long as the kernel does.
+    fn disconnect(&mut self) {
+        self.client = None;
+        if let Some(task) = self.conn_task.take() {
+            task.abort();
+        }
+    }
+
+    /// Counts a failed attempt towards the current outage (or starts one), and tells
+    /// systemd's `STATUS=` what is wrong.
+    fn note_failure(&mut self, f: &Failure) {
+        if !(f.disconnected || f.kind == ErrorKind::Login) {
+            return;
+        }
+        let outage = self.outage.get_or_insert(Outage {
+            since: Instant::now(),
+            failed: 0,
+        });
+        outage.failed += 1;
+        let problem = match &f.refused {
+            Some(refused) => refused.to_string(),
+            None => format!(
+                "database unreachable for {}: {}",
+                seconds(Duration::from_secs(outage.since.elapsed().as_secs())),
+                f.text
+            ),
+        };
+        crate::telemetry::sd_notify(&format!("STATUS={problem}"));
+        if let Ok(mut a) = self.activity.lock() {
+            a.agent.db_problem = Some(problem);
+        }
+    }
+
+    /// Ends the current outage, if any, saying how long it lasted.
+    fn note_reachable(&mut self) {
+        self.login_backoff.reset();
+        if let Some(outage) = self.outage.take() {
+            let after = outage.since.elapsed();
+            tracing::info!(
+                after_secs = after.as_secs_f64(),
+                attempts = outage.failed + 1,
+                "database reachable again after {:.1} s ({} attempts)",
+                after.as_secs_f64(),
+                outage.failed + 1
+            );
+            if let Ok(mut a) = self.activity.lock() {
+                a.agent.db_problem = None;
+            }
+        }
+    }
+
+    /// After a refused login: says plainly that this is a configuration error (on every
+    /// attempt, so about once a minute) and returns the slow retry delay.
+    fn login_refused(&mut self, f: &Failure) -> Duration {
+        let delay = self.login_backoff.next_delay();
+        tracing::error!(
+            error = %f.text,
+            retry_in = ?delay,
+            "the database refused the login: fix the password, role or database name; this is not a network problem (retrying slowly)"
+        );
+        delay
     }
 
     /// Connects, retrying with backoff within the sink's limits. Used at startup.
@@ -221,9 +405,17 @@ impl Sink {
         let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         let first_failure = Instant::now();
         loop {
-            match self.client().await {
+            let f = match self.client().await {
                 Ok(_) => return Ok(()),
-                Err(f) => {
+                Err(f) => f,
+            };
+            self.note_failure(&f);
+            let delay = match f.refused {
+                Some(refused) if self.options.schema_fatal => {
+                    return Err(SinkError::Login(refused))
+                }
+                Some(_) => self.login_refused(&f),
+                None => {
                     if let Some(limit) = self.options.give_up_after {
                         if first_failure.elapsed() >= limit {
                             return Err(SinkError::Unreachable {
@@ -235,15 +427,16 @@ impl Sink {
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %f.text, retry_in = ?delay, "cannot reach the database");
-                    if let Some(stop) = stop {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = stop.cancelled() => return Err(SinkError::Deadline(f.text)),
-                        }
-                    } else {
-                        tokio::time::sleep(delay).await;
-                    }
+                    delay
                 }
+            };
+            if let Some(stop) = stop {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return Err(SinkError::Deadline(f.text)),
+                }
+            } else {
+                tokio::time::sleep(delay).await;
             }
         }
     }
@@ -269,15 +462,24 @@ impl Sink {
             return;
         }
         self.last_partition_check = Some(Instant::now());
+        let limit = self.target.limits.query_timeout;
         if let Ok(client) = self.client().await {
-            if let Err(e) = client
-                .execute(
-                    "SELECT pipewatch_ensure_partitions(now() - interval '1 day', now() + interval '3 days')",
-                    &[],
-                )
-                .await
-            {
-                tracing::warn!(error = %describe(&e), "cannot create upcoming partitions; rows go to the default partition");
+            let ensure = client.execute(
+                "SELECT pipewatch_ensure_partitions(now() - interval '1 day', now() + interval '3 days')",
+                &[],
+            );
+            match tokio::time::timeout(limit, ensure).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %describe(&e), "cannot create upcoming partitions; rows go to the default partition")
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "no reply from the database for {}; reconnecting",
+                        seconds(limit)
+                    );
+                    self.disconnect();
+                }
             }
         }
     }
@@ -312,16 +514,22 @@ impl Sink {
         let mut unreachable_since: Option<Instant> = None;
         let mut isolate = false;
         let mut schema_logged = false;
+        let bytes: usize = batch.logs.iter().map(|r| r.0.len()).sum();
         loop {
-            let attempt = self.write(&batch, batch_id, isolate).await;
-            let failure = match attempt {
-                Ok(quarantined) => {
+            let failure = match self.attempt(&batch, batch_id, isolate, bytes).await {
+                Ok(Written::Now(quarantined)) => {
                     self.note_commit(&batch, quarantined);
+                    return Ok(());
+                }
+                Ok(Written::Before) => {
+                    tracing::info!("batch was committed before the connection was lost");
+                    self.note_commit(&batch, 0);
                     return Ok(());
                 }
                 Err(f) => f,
             };
-            match failure.kind {
+            self.note_failure(&failure);
+            let delay = match failure.kind {
                 ErrorKind::Data if !isolate => {
                     tracing::warn!(error = %failure.text, rows = batch.logs.len(), "database refused a batch; isolating the bad record");
                     isolate = true;
@@ -336,15 +544,18 @@ impl Sink {
                         tracing::error!(error = %msg, "cannot write; retrying until fixed");
                         schema_logged = true;
                     }
+                    backoff.next_delay()
                 }
-                _ => {
-                    // The connection may have died after COMMIT was sent: check before retrying.
-                    self.client = None;
-                    if self.committed_already(batch_id).await {
-                        tracing::info!("batch was committed before the connection was lost");
-                        self.note_commit(&batch, 0);
-                        return Ok(());
+                ErrorKind::Login => match failure.refused.clone() {
+                    Some(refused) if self.options.schema_fatal => {
+                        return Err(SinkError::Login(refused))
                     }
+                    _ => self.login_refused(&failure),
+                },
+                _ => {
+                    // Whatever happened to the connection, the next attempt uses a new one
+                    // and finds out in its own transaction whether this one committed.
+                    self.disconnect();
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if let Some(limit) = self.options.give_up_after {
                         if since.elapsed() >= limit {
@@ -358,15 +569,17 @@ impl Sink {
                     if let Ok(mut a) = self.activity.lock() {
                         a.agent.reconnects += 1;
                     }
+                    backoff.next_delay()
                 }
-            }
-            let delay = backoff.next_delay();
+            };
             if let Some(d) = deadline.or_else(|| self.drain_deadline()) {
                 if tokio::time::Instant::now() + delay > d {
                     return Err(SinkError::Deadline(failure.text));
                 }
             }
-            tracing::warn!(error = %failure.text, retry_in = ?delay, "commit failed; retrying the same batch");
+            if failure.kind != ErrorKind::Login {
+                tracing::warn!(error = %failure.text, retry_in = ?delay, "commit failed; retrying the same batch");
+            }
             match self.options.stop.clone() {
                 Some(stop) if !stop.is_cancelled() => {
                     tokio::select! {
@@ -391,24 +604,6 @@ impl Sink {
                 .stopped_at
                 .get_or_insert_with(|| tokio::time::Instant::now() + drain),
         )
-    }
-
-    /// Whether the agent row already carries this batch id (a commit whose reply was lost).
-    async fn committed_already(&mut self, batch_id: Uuid) -> bool {
-        let agent_id = self.agent_id.clone();
-        let Ok(client) = self.client().await else {
-            return false;
-        };
-        match client
-            .query_opt(
-                "SELECT last_batch_id FROM pipewatch_agents WHERE agent_id = $1",
-                &[&agent_id],
-            )
-            .await
-        {
-            Ok(Some(row)) => row.get::<_, Option<Uuid>>(0) == Some(batch_id),
-            _ => false,
-        }
     }
 
     fn note_commit(&self, batch: &Batch, quarantined: usize) {
@@ -442,14 +637,44 @@ impl Sink {
         }
     }
 
+    /// One attempt under its deadline: connects if needed (bounded by `connect_timeout`),
+    /// then writes (bounded by [`attempt_deadline`]). No reply in time drops the connection.
+    async fn attempt(
+        &mut self,
+        batch: &Batch,
+        batch_id: Uuid,
+        isolate: bool,
+        bytes: usize,
+    ) -> Result<Written, Failure> {
+        self.client().await?;
+        let limit = attempt_deadline(
+            self.target.limits.query_timeout,
+            bytes,
+            batch.logs.len(),
+            isolate,
+        );
+        match tokio::time::timeout(limit, self.write(batch, batch_id, isolate)).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    "no reply from the database for {}; reconnecting",
+                    seconds(limit)
+                );
+                self.disconnect();
+                Err(Failure::silent(limit))
+            }
+        }
+    }
+
     /// One attempt: the whole batch in one transaction. With `isolate`, every statement runs
-    /// under a savepoint and refused rows are quarantined. Returns how many were quarantined.
+    /// under a savepoint and refused rows are quarantined. Returns how many were quarantined,
+    /// or that an earlier attempt whose reply was lost had committed the batch already.
     async fn write(
         &mut self,
         batch: &Batch,
         batch_id: Uuid,
         isolate: bool,
-    ) -> Result<usize, Failure> {
+    ) -> Result<Written, Failure> {
         let agent_id = self.agent_id.clone();
         let host = self.host.clone();
         let daemons = self.daemons.clone();
@@ -457,6 +682,12 @@ impl Sink {
         let details = self.agent_details();
         let client = self.client().await?;
         let tx = client.transaction().await?;
+        // The lost-reply check, inside this attempt's transaction: the agent's row stays
+        // locked until COMMIT, so no other attempt can commit in between.
+        if lock_agent(&tx, &agent_id, &host, &daemons).await? == Some(batch_id) {
+            tx.rollback().await?;
+            return Ok(Written::Before);
+        }
         let mut quarantined = Vec::new();
         if isolate {
             isolate_logs(&tx, &batch.logs, &mut quarantined).await?;
@@ -506,7 +737,39 @@ impl Sink {
         )
         .await?;
         tx.commit().await?;
-        Ok(quarantined.len())
+        Ok(Written::Now(quarantined.len()))
+    }
+}
+
+/// Locks the agent's row (creating it on the very first commit) and returns its
+/// `last_batch_id`.
+async fn lock_agent(
+    tx: &Transaction<'_>,
+    agent_id: &str,
+    host: &str,
+    daemons: &[String],
+) -> Result<Option<Uuid>, Failure> {
+    let busy = |e: tokio_postgres::Error| {
+        let mut f = Failure::from(e);
+        if f.text.starts_with("55P03") {
+            f.text.push_str(
+                " — another session holds this agent's row: the transaction of a lost connection \
+                 (the server ends it within query_timeout) or a second agent with the same host \
+                 and daemons",
+            );
+        }
+        f
+    };
+    let mut row = tx.query_opt(LOCK_AGENT, &[&agent_id]).await.map_err(busy)?;
+    if row.is_none() {
+        tx.execute(CREATE_AGENT, &[&agent_id, &host, &daemons])
+            .await
+            .map_err(busy)?;
+        row = tx.query_opt(LOCK_AGENT, &[&agent_id]).await.map_err(busy)?;
+    }
+    match row {
+        Some(row) => Ok(row.try_get::<_, Option<Uuid>>(0)?),
+        None => Ok(None),
     }
 }
 
@@ -902,6 +1165,23 @@ mod tests {
                 ..ProgressUpdate::default()
             },
         }
+    }
+
+    #[test]
+    fn the_attempt_deadline_grows_with_the_batch_not_for_a_small_one() {
+        let q = Duration::from_secs(30);
+        assert_eq!(attempt_deadline(q, 0, 0, false), q);
+        assert_eq!(attempt_deadline(q, 10 * 1024, 50, false).as_secs(), 30);
+        // 64 MiB of rows: about a minute more.
+        assert_eq!(
+            attempt_deadline(q, 64 * 1024 * 1024, 5000, false),
+            Duration::from_secs(94)
+        );
+        // Isolating 5000 rows of 5 MiB: log2 passes and savepoints on top.
+        let iso = attempt_deadline(q, 5 * 1024 * 1024, 5000, true);
+        assert_eq!(iso, Duration::from_secs(30 + 5 * 15 + 50));
+        assert_eq!(seconds(Duration::from_secs(30)), "30 s");
+        assert_eq!(seconds(Duration::from_millis(2500)), "2.5 s");
     }
 
     #[test]

@@ -111,6 +111,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             }
         }
     }
+    let mut refused = false;
     match ctx.db_target(Some(&config)) {
         Ok(target) => match crate::db::connect(&target).await {
             Ok(mut client) => match client.query_one("SELECT version()", &[]).await {
@@ -140,6 +141,8 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             },
             Err(e) => {
                 ok = false;
+                // A refused login is a configuration error (exit 2), not an outage.
+                refused |= e.chain().any(|c| c.is::<crate::exit::UsageError>());
                 outln!("  [fail] {e:#}");
             }
         },
@@ -154,5 +157,11 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             crate::agent::rules::sample_file_report(&config, args.daemon.as_deref(), sample)?
         );
     }
-    Ok(if ok { Code::Success } else { Code::Failure })
+    Ok(if refused {
+        Code::Usage
+    } else if ok {
+        Code::Success
+    } else {
+        Code::Failure
+    })
 }

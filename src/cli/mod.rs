@@ -148,16 +148,21 @@ impl Context {
         )))
     }
 
-    /// The resolved database target, with the config's password and CA files when present.
+    /// The resolved database target, with the config's password and CA files and its
+    /// `[database]` deadlines when present.
     pub fn db_target(&self, config: Option<&Config>) -> anyhow::Result<DbTarget> {
         let url = self.database_url(config)?;
         let db = config.map(|c| &c.database);
-        DbTarget::parse(
+        let target = DbTarget::parse(
             &url,
             db.and_then(|d| d.password_file.as_deref()),
             db.and_then(|d| d.ca_file.as_deref()),
         )
-        .map_err(|e| usage(format!("{e:#}")))
+        .map_err(|e| usage(format!("{e:#}")))?;
+        Ok(match db {
+            Some(d) => target.with_limits(&d.limits),
+            None => target,
+        })
     }
 
     /// For commands that need only the database: loads the config if present, then connects.

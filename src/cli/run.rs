@@ -29,6 +29,10 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
             tracing::warn!(error = %last, "stopped before the last batch could be committed; it is read again at the next start");
             return Ok(Code::Success);
         }
+        // A refused login (`--once`): a configuration error, exit 2.
+        Err(crate::agent::sink::SinkError::Login(refused)) => {
+            return Err(usage(refused.to_string()))
+        }
         Err(e) => return Err(e.into()),
     };
     tracing::info!(

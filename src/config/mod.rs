@@ -8,8 +8,8 @@ pub mod redact;
 pub mod resolve;
 
 pub use resolve::{
-    load, AgentConfig, BatchConfig, Config, ConfigError, DaemonConfig, DatabaseConfig, Format,
-    RetentionConfig, StartAt,
+    load, AgentConfig, BatchConfig, Config, ConfigError, ConnectionLimits, DaemonConfig,
+    DatabaseConfig, Format, RetentionConfig, StartAt,
 };
 
 /// Refuses a config in which two daemons' globs match the same existing file (it would be

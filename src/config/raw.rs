@@ -27,6 +27,12 @@ pub struct RawDatabase {
     pub url: Option<String>,
     pub password_file: Option<String>,
     pub ca_file: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub query_timeout: Option<String>,
+    pub keepalives_idle: Option<String>,
+    pub keepalives_interval: Option<String>,
+    pub keepalives_count: Option<i64>,
+    pub tcp_user_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -71,6 +71,22 @@ pub fn describe(config: &Config, effective_url: Option<&str>) -> String {
     if let Some(p) = &config.database.ca_file {
         let _ = writeln!(out, "  ca_file = {}", p.display());
     }
+    let l = &config.database.limits;
+    let secs = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let _ = writeln!(
+        out,
+        "  connect_timeout = {}, query_timeout = {}",
+        secs(l.connect_timeout),
+        secs(l.query_timeout)
+    );
+    let _ = writeln!(
+        out,
+        "  keepalives_idle = {}, keepalives_interval = {}, keepalives_count = {}, tcp_user_timeout = {}",
+        secs(l.keepalives_idle),
+        secs(l.keepalives_interval),
+        l.keepalives_count,
+        secs(l.tcp_user_timeout)
+    );
     let _ = writeln!(out, "[agent]");
     let _ = writeln!(out, "  host = {}", config.agent.host);
     if let Some(l) = &config.agent.metrics_listen {

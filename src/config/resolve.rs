@@ -3,7 +3,7 @@
 //!
 //! Pure apart from reading the file itself.
 
-use super::raw::{RawConfig, RawDaemon, RawRule};
+use super::raw::{RawConfig, RawDaemon, RawDatabase, RawRule};
 use regex::Regex;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,19 @@ pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(300);
 /// Default `stall_cpu_percent`: below this a process counts as idle.
 pub const DEFAULT_STALL_CPU_PERCENT: f64 = 2.0;
+
+/// Default `[database] connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `[database] query_timeout`.
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `[database] keepalives_idle`.
+pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+/// Default `[database] keepalives_interval`.
+pub const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+/// Default `[database] keepalives_count`.
+pub const DEFAULT_KEEPALIVES_COUNT: u32 = 3;
+/// Default `[database] tcp_user_timeout`.
+pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One configuration problem, located as precisely as the file allows.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +106,42 @@ pub struct DatabaseConfig {
     pub url: Option<String>,
     pub password_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+    /// Deadlines and dead-peer detection for every connection.
+    pub limits: ConnectionLimits,
+}
+
+/// How long the database may take to answer, and how a connection that went silent is
+/// noticed. The URL's libpq parameters of the same names win over these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// TCP connect, TLS handshake and login together: a server that accepts but never
+    /// answers must not hold a command or the agent forever.
+    pub connect_timeout: Duration,
+    /// The longest the agent waits for the reply to one round trip; a batch's transaction
+    /// gets this plus time for the bytes it sends (see `agent::sink`).
+    pub query_timeout: Duration,
+    /// TCP keepalive: an idle connection is probed after this long without traffic …
+    pub keepalives_idle: Duration,
+    /// … then every this long …
+    pub keepalives_interval: Duration,
+    /// … and declared dead after this many unanswered probes.
+    pub keepalives_count: u32,
+    /// TCP_USER_TIMEOUT: data sent but not acknowledged for this long drops the connection
+    /// (keepalives cannot see that case: they only probe an idle connection).
+    pub tcp_user_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> ConnectionLimits {
+        ConnectionLimits {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            query_timeout: DEFAULT_QUERY_TIMEOUT,
+            keepalives_idle: DEFAULT_KEEPALIVES_IDLE,
+            keepalives_interval: DEFAULT_KEEPALIVES_INTERVAL,
+            keepalives_count: DEFAULT_KEEPALIVES_COUNT,
+            tcp_user_timeout: DEFAULT_TCP_USER_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -407,10 +456,12 @@ impl Resolver<'_> {
     }
 
     fn resolve(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
+        let limits = self.limits(&raw.database);
         let database = DatabaseConfig {
             url: raw.database.url.clone(),
             password_file: raw.database.password_file.as_ref().map(PathBuf::from),
             ca_file: raw.database.ca_file.as_ref().map(PathBuf::from),
+            limits,
         };
         let host = match raw.agent.host.as_deref().map(str::trim) {
             Some("") => {
@@ -520,6 +571,93 @@ impl Resolver<'_> {
         } else {
             Err(ConfigErrors(self.errors))
         }
+    }
+
+    /// `[database]` deadlines and keepalives.
+    fn limits(&mut self, db: &RawDatabase) -> ConnectionLimits {
+        let d = ConnectionLimits::default();
+        let s = "database";
+        let keepalives_count = match db.keepalives_count {
+            None => d.keepalives_count,
+            Some(n) if (1..=100).contains(&n) => n as u32,
+            Some(n) => {
+                self.err(
+                    s,
+                    "keepalives_count",
+                    Some(n.to_string()),
+                    "must be between 1 and 100",
+                );
+                d.keepalives_count
+            }
+        };
+        let limits = ConnectionLimits {
+            connect_timeout: self.duration(
+                s,
+                "connect_timeout",
+                db.connect_timeout.as_ref(),
+                d.connect_timeout,
+            ),
+            query_timeout: self.duration(
+                s,
+                "query_timeout",
+                db.query_timeout.as_ref(),
+                d.query_timeout,
+            ),
+            keepalives_idle: self.duration(
+                s,
+                "keepalives_idle",
+                db.keepalives_idle.as_ref(),
+                d.keepalives_idle,
+            ),
+            keepalives_interval: self.duration(
+                s,
+                "keepalives_interval",
+                db.keepalives_interval.as_ref(),
+                d.keepalives_interval,
+            ),
+            keepalives_count,
+            tcp_user_timeout: self.duration(
+                s,
+                "tcp_user_timeout",
+                db.tcp_user_timeout.as_ref(),
+                d.tcp_user_timeout,
+            ),
+        };
+        // Below a second the agent would give up on a healthy server under ordinary load;
+        // TCP options are whole seconds (TCP_USER_TIMEOUT milliseconds) in the kernel.
+        for (key, value, raw) in [
+            (
+                "connect_timeout",
+                limits.connect_timeout,
+                &db.connect_timeout,
+            ),
+            ("query_timeout", limits.query_timeout, &db.query_timeout),
+            (
+                "keepalives_idle",
+                limits.keepalives_idle,
+                &db.keepalives_idle,
+            ),
+            (
+                "keepalives_interval",
+                limits.keepalives_interval,
+                &db.keepalives_interval,
+            ),
+            (
+                "tcp_user_timeout",
+                limits.tcp_user_timeout,
+                &db.tcp_user_timeout,
+            ),
+        ] {
+            if value < Duration::from_secs(1) {
+                self.err(
+                    s,
+                    key,
+                    raw.as_ref().map(|v| format!("{v:?}")),
+                    "must be at least \"1s\"",
+                );
+            }
+        }
+        limits
     }
 
     fn daemon(&mut self, name: &str, d: &RawDaemon) -> Option<DaemonConfig> {

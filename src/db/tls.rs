@@ -5,6 +5,8 @@
 //! and host name checked.
 //!
 //! The connection future is spawned on its own task; errors on it are logged, not lost.
+//! The whole handshake (TCP, TLS, login) has one deadline, `connect_timeout`: a server that
+//! accepts the connection and then says nothing must not hold the caller forever.
 
 use super::connect::{DbTarget, SslMode};
 use anyhow::{anyhow, Context as _};
@@ -21,18 +23,35 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Connects according to `target.ssl_mode`.
 pub async fn connect(target: &DbTarget) -> anyhow::Result<Client> {
+    Ok(connect_with_task(target).await?.0)
+}
+
+/// Connects, and returns the handle of the task that drives the connection too: aborting it
+/// closes the socket at once, even while a request waits for a reply that never comes.
+pub async fn connect_with_task(
+    target: &DbTarget,
+) -> anyhow::Result<(Client, tokio::task::AbortHandle)> {
+    let limit = target.limits.connect_timeout;
+    match tokio::time::timeout(limit, handshake(target)).await {
+        Ok(result) => result,
+        Err(_) => Err(anyhow!(
+            "no reply from the database within {} of connecting (connect_timeout)",
+            humantime::format_duration(limit)
+        )),
+    }
+}
+
+async fn handshake(target: &DbTarget) -> anyhow::Result<(Client, tokio::task::AbortHandle)> {
     if target.ssl_mode == SslMode::Disable {
         let (client, conn) = target.config.connect(NoTls).await?;
-        spawn_connection(conn);
-        return Ok(client);
+        return Ok((client, spawn_connection(conn)));
     }
     let tls = MakeRustlsConnect::new(client_config(target)?);
     let (client, conn) = target.config.connect(tls).await?;
-    spawn_connection(conn);
-    Ok(client)
+    Ok((client, spawn_connection(conn)))
 }
 
-fn spawn_connection<F>(conn: F)
+fn spawn_connection<F>(conn: F) -> tokio::task::AbortHandle
 where
     F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
 {
@@ -40,7 +59,8 @@ where
         if let Err(error) = conn.await {
             tracing::debug!(%error, "database connection closed");
         }
-    });
+    })
+    .abort_handle()
 }
 
 fn provider() -> Arc<CryptoProvider> {

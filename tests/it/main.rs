@@ -6,6 +6,7 @@ mod support;
 
 mod config;
 mod day_one;
+mod faults;
 mod harness;
 mod identity;
 mod metrics;

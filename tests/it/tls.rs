@@ -136,11 +136,14 @@ fn sslmodes_against_a_server_with_a_self_signed_ca() {
     let (code, out) = status(&ok);
     assert_eq!(code, Some(1), "{out}");
     assert!(!out.contains("cannot connect"), "{out}");
-    // The server refuses this database without TLS, so the connection above used TLS.
+    // The server refuses this database without TLS, so the connection above used TLS. The
+    // refusal (28000) is a configuration error: exit 2.
     let (code, out) = status(&base);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(2), "{out}");
     assert!(
-        out.contains("cannot connect") && out.contains("no encryption"),
+        out.contains("cannot log in")
+            && out.contains("no encryption")
+            && out.contains("pg_hba.conf"),
         "{out}"
     );
     // verify-full with another CA: refused, with a clear message.

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod nonroot;
 pub mod pg;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -1,0 +1,376 @@
+//! A loopback TCP proxy between the agent and PostgreSQL that injects network faults on
+//! command, so the exactly-once guarantees can be tested against real faults:
+//!
+//! * it passes traffic;
+//! * at the next `COMMIT` (the simple-query message tokio-postgres sends) it can let the
+//!   COMMIT reach the server, swallow the reply, close the connection and refuse new ones for
+//!   a while ([`Fault::LoseReply`]);
+//! * or stop forwarding in both directions without closing anything, before or after the
+//!   COMMIT reaches the server ([`Fault::SilenceBeforeCommit`], [`Fault::SilenceAfterCommit`]):
+//!   that connection stays silent for good (a flow a firewall forgot), and so do new ones until
+//!   [`Proxy::heal`].
+//!
+//! Threads only; every socket is polled with a short read timeout so dropping the proxy ends
+//! them.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// What to do at the next COMMIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The COMMIT reaches the server; its reply never reaches the client, the connection is
+    /// closed, and new connections are refused for this long.
+    LoseReply(Duration),
+    /// Nothing more is forwarded from just before the COMMIT: the server keeps an open
+    /// transaction. New connections are silent too until [`Proxy::heal`].
+    SilenceBeforeCommit,
+    /// The COMMIT reaches the server, then nothing more is forwarded either way. New
+    /// connections are silent too until [`Proxy::heal`].
+    SilenceAfterCommit,
+}
+
+#[derive(Default)]
+struct Control {
+    armed: Option<Fault>,
+    refuse_until: Option<Instant>,
+    /// New connections start silent.
+    silent: bool,
+    fired: Vec<(Fault, Instant)>,
+}
+
+struct Shared {
+    upstream: SocketAddr,
+    control: Mutex<Control>,
+    stop: AtomicBool,
+    accepted: AtomicUsize,
+    refused: AtomicUsize,
+}
+
+/// One proxied connection's state, seen by both directions.
+struct Link {
+    /// Forward nothing more, close nothing.
+    frozen: AtomicBool,
+    /// Swallow the server's next bytes (the COMMIT's reply), then close both sides.
+    cut: AtomicBool,
+}
+
+/// A running proxy; stops when dropped.
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+const POLL: Duration = Duration::from_millis(50);
+
+impl Proxy {
+    /// A proxy in front of `upstream`, listening on a free loopback port.
+    pub fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let addr = listener.local_addr().expect("local address");
+        let shared = Arc::new(Shared {
+            upstream,
+            control: Mutex::new(Control::default()),
+            stop: AtomicBool::new(false),
+            accepted: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+        });
+        let s = shared.clone();
+        let accept = std::thread::spawn(move || accept_loop(listener, s));
+        Proxy {
+            addr,
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    /// A proxy in front of the server of `url` (`postgres://user@127.0.0.1:PORT/db?…`), and
+    /// the same URL pointing at the proxy.
+    pub fn for_url(url: &str) -> (Proxy, String) {
+        let rest = url.split_once("@127.0.0.1:").expect("a loopback URL").1;
+        let port: u16 = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a port in the URL");
+        let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], port)));
+        let proxied = url.replacen(
+            &format!("@127.0.0.1:{port}/"),
+            &format!("@127.0.0.1:{}/", proxy.addr.port()),
+            1,
+        );
+        (proxy, proxied)
+    }
+
+    /// Injects `fault` at the next COMMIT on any connection.
+    pub fn arm(&self, fault: Fault) {
+        self.control().armed = Some(fault);
+    }
+
+    /// Faults injected so far, with when.
+    pub fn fired(&self) -> Vec<(Fault, Instant)> {
+        self.control().fired.clone()
+    }
+
+    /// New connections pass traffic again (silent ones stay silent).
+    pub fn heal(&self) {
+        let mut c = self.control();
+        c.silent = false;
+        c.refuse_until = None;
+    }
+
+    /// Connections accepted and forwarded, and connections refused.
+    pub fn connections(&self) -> (usize, usize) {
+        (
+            self.shared.accepted.load(Ordering::SeqCst),
+            self.shared.refused.load(Ordering::SeqCst),
+        )
+    }
+
+    fn control(&self) -> std::sync::MutexGuard<'_, Control> {
+        self.shared.control.lock().expect("proxy control lock")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        let client = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let (refuse, silent) = {
+            let c = shared.control.lock().expect("proxy control lock");
+            (c.refuse_until.is_some_and(|t| Instant::now() < t), c.silent)
+        };
+        if refuse {
+            // Closed before a byte is exchanged: the client's connection attempt fails.
+            shared.refused.fetch_add(1, Ordering::SeqCst);
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        }
+        let Ok(server) = TcpStream::connect(shared.upstream) else {
+            continue;
+        };
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
+        let link = Arc::new(Link {
+            frozen: AtomicBool::new(silent),
+            cut: AtomicBool::new(false),
+        });
+        for s in [&client, &server] {
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_read_timeout(Some(POLL));
+            let _ = s.set_nodelay(true);
+        }
+        let (c2, s2) = match (client.try_clone(), server.try_clone()) {
+            (Ok(c), Ok(s)) => (c, s),
+            _ => continue,
+        };
+        {
+            let (shared, link) = (shared.clone(), link.clone());
+            std::thread::spawn(move || client_to_server(client, server, shared, link));
+        }
+        let shared = shared.clone();
+        std::thread::spawn(move || server_to_client(s2, c2, shared, link));
+    }
+}
+
+/// Whether a frontend message is the simple query `COMMIT`.
+fn is_commit(kind: u8, body: &[u8]) -> bool {
+    kind == b'Q'
+        && std::str::from_utf8(body)
+            .map(|q| {
+                q.trim_end_matches('\0')
+                    .trim()
+                    .eq_ignore_ascii_case("COMMIT")
+            })
+            .unwrap_or(false)
+}
+
+/// Waits, forwarding nothing, until the proxy stops.
+fn park(shared: &Shared) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Client → server, one whole frontend message at a time, watching for COMMIT.
+fn client_to_server(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    shared: Arc<Shared>,
+    link: Arc<Link>,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    // The startup packet (and an SSL/GSS request before it) has no type byte.
+    let mut untyped = true;
+    // After TLS starts the stream cannot be parsed: pass it through.
+    let mut opaque = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if link.frozen.load(Ordering::SeqCst) {
+            return park(&shared);
+        }
+        let n = match client.read(&mut buf) {
+            Ok(0) => {
+                let _ = server.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => {
+                let _ = server.shutdown(Shutdown::Both);
+                return;
+            }
+        };
+        if link.frozen.load(Ordering::SeqCst) {
+            return park(&shared);
+        }
+        if opaque {
+            if server.write_all(&buf[..n]).is_err() {
+                return;
+            }
+            continue;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        loop {
+            let head = if untyped { 4 } else { 5 };
+            if pending.len() < head {
+                break;
+            }
+            let len_at = if untyped { 0 } else { 1 };
+            let len = u32::from_be_bytes([
+                pending[len_at],
+                pending[len_at + 1],
+                pending[len_at + 2],
+                pending[len_at + 3],
+            ]) as usize;
+            if !(4..=(1 << 30)).contains(&len) {
+                opaque = true;
+                break;
+            }
+            let total = len_at + len;
+            if pending.len() < total {
+                break;
+            }
+            let message: Vec<u8> = pending.drain(..total).collect();
+            if untyped {
+                let code = message
+                    .get(4..8)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .unwrap_or(0);
+                // SSLRequest / GSSENCRequest: what follows may be encrypted, so it is passed
+                // through unparsed (the faults need `sslmode=disable`).
+                opaque = code == 80_877_103 || code == 80_877_104;
+                untyped = false;
+                if server.write_all(&message).is_err() {
+                    return;
+                }
+                continue;
+            }
+            let fault = if is_commit(message[0], &message[5..]) {
+                let mut c = shared.control.lock().expect("proxy control lock");
+                let fault = c.armed.take();
+                if let Some(f) = fault {
+                    c.fired.push((f, Instant::now()));
+                    match f {
+                        Fault::LoseReply(refuse_for) => {
+                            c.refuse_until = Some(Instant::now() + refuse_for);
+                        }
+                        Fault::SilenceBeforeCommit | Fault::SilenceAfterCommit => c.silent = true,
+                    }
+                }
+                fault
+            } else {
+                None
+            };
+            match fault {
+                None => {}
+                Some(Fault::LoseReply(_)) => link.cut.store(true, Ordering::SeqCst),
+                Some(Fault::SilenceBeforeCommit) => {
+                    link.frozen.store(true, Ordering::SeqCst);
+                    return park(&shared);
+                }
+                Some(Fault::SilenceAfterCommit) => link.frozen.store(true, Ordering::SeqCst),
+            }
+            if server.write_all(&message).is_err() {
+                return;
+            }
+            if link.frozen.load(Ordering::SeqCst) {
+                return park(&shared);
+            }
+        }
+        if opaque && !pending.is_empty() {
+            if server.write_all(&pending).is_err() {
+                return;
+            }
+            pending.clear();
+        }
+    }
+}
+
+/// Server → client, unless frozen; after a cut COMMIT, swallows the reply and closes.
+fn server_to_client(
+    mut server: TcpStream,
+    mut client: TcpStream,
+    shared: Arc<Shared>,
+    link: Arc<Link>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if link.frozen.load(Ordering::SeqCst) {
+            return park(&shared);
+        }
+        let n = match server.read(&mut buf) {
+            Ok(0) => {
+                let _ = client.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => {
+                let _ = client.shutdown(Shutdown::Both);
+                return;
+            }
+        };
+        if link.frozen.load(Ordering::SeqCst) {
+            return park(&shared);
+        }
+        if link.cut.load(Ordering::SeqCst) {
+            // The COMMIT's reply: never delivered. Both sides are closed.
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = server.shutdown(Shutdown::Both);
+            return;
+        }
+        if client.write_all(&buf[..n]).is_err() {
+            let _ = server.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
