@@ -624,8 +624,19 @@ fn glob_root(pattern: &str) -> (std::path::PathBuf, bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_root;
+    use super::{glob_root, restart_delay};
     use std::path::PathBuf;
+    use std::time::Duration;
+
+    #[test]
+    fn restarts_wait_one_second_doubling_to_a_minute() {
+        let secs: Vec<u64> = [1, 2, 3, 6, 7, 8, 40, u32::MAX]
+            .iter()
+            .map(|&n| restart_delay(n).as_secs())
+            .collect();
+        assert_eq!(secs, vec![1, 2, 4, 32, 60, 60, 60, 60]);
+        assert_eq!(restart_delay(0), Duration::from_secs(1));
+    }
 
     #[test]
     fn glob_roots() {

@@ -230,3 +230,26 @@ fn a_stuck_agent_tells_systemd_why_stops_the_watchdog_and_status_shows_it() {
     assert_exactly(&env, 20);
     assert!(status(&env).contains("  stopped"));
 }
+
+#[test]
+fn a_reader_that_panics_during_a_backfill_is_restarted_and_the_backfill_completes() {
+    let env = Env::new();
+    append(&env.path("a.jsonl"), &lines(0..600));
+    append(&env.path("b.jsonl"), &lines(600..1000));
+    let cfg = env.config("[daemons.app]\nlogs = [\"$DIR/*.jsonl\"]\n");
+    let out = pipewatch_cmd(&["--config", cfg.to_str().unwrap(), "run", "--once"])
+        .env("PIPEWATCH_TEST_PANIC_READER", "app@2")
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("reader failed; starting it again"),
+        "{stderr}"
+    );
+    assert_exactly(&env, 1000);
+    assert_eq!(
+        env.count("SELECT count(*) FROM pipeline_events WHERE event_type = 'agent_error'"),
+        1
+    );
+}
