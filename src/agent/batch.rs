@@ -130,7 +130,7 @@ impl Batch {
 }
 
 /// The approximate memory an item holds: the encoded log rows exactly, everything else
-/// estimated (an event counts its message plus [`ROW_OVERHEAD`]).
+/// estimated (an event counts its message plus `ROW_OVERHEAD`).
 pub fn item_bytes(item: &Item) -> usize {
     let event = |e: &EventRow| ROW_OVERHEAD + e.message.as_ref().map_or(0, String::len);
     match item {
