@@ -182,8 +182,9 @@ impl Budget {
         u32::try_from(bytes).unwrap_or(u32::MAX).min(self.total)
     }
 
-    /// Waits for the permits of an item. Called only while the caller holds no permits of a
-    /// batch not yet handed out, so the sink's commits always make room.
+    /// Waits for the permits of an item. Called only when the item and the permits the caller
+    /// holds for its unsent batch together fit in half the budget, so the sink's commits of
+    /// the batches it already has always make room.
     async fn acquire(&self, bytes: usize) -> OwnedSemaphorePermit {
         Arc::clone(&self.permits)
             .acquire_many_owned(self.ask(bytes))
@@ -218,8 +219,8 @@ impl Limits {
 }
 
 /// Receives items and hands out batches: a batch closes when it holds `max_records` log rows,
-/// about `max_bytes`, when its first item has waited `max_wait`, or when the byte budget is
-/// spent (the next batch then waits for the sink to finish one).
+/// about `max_bytes`, or when its first item has waited `max_wait`. While the byte budget is
+/// spent it waits for the sink to finish a batch (and receives nothing meanwhile).
 pub struct Batcher {
     rx: mpsc::Receiver<Item>,
     limits: Limits,
@@ -276,9 +277,17 @@ impl Batcher {
                 self.carry = Some((item, size));
                 break;
             }
-            // Waiting here while holding this batch's permits could wait forever: close the
-            // batch instead and let the item start the next one.
-            match self.budget.try_acquire(size) {
+            // This batch and the item fit in `max_bytes`, half the budget; the other half is
+            // held only by batches already handed to the sink, which commits them without us,
+            // so this wait ends. It ends at the batch's deadline too: the item then starts the
+            // next batch.
+            let acquired = match self.budget.try_acquire(size) {
+                Some(permit) => Some(permit),
+                None => tokio::time::timeout_at(deadline, self.budget.acquire(size))
+                    .await
+                    .ok(),
+            };
+            match acquired {
                 Some(permit) => batch.add(item, size, permit, &mut index),
                 None => {
                     self.carry = Some((item, size));
@@ -425,6 +434,34 @@ mod tests {
         drop(big);
         let last = b.next().await.unwrap();
         assert_eq!(last.checkpoints[0].position, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waits_for_room_instead_of_closing_small() {
+        let (tx, rx) = mpsc::channel(16);
+        let one = item_bytes(&sized_chunk("a", 1, 0, 10_000));
+        let limits = Limits {
+            max_records: 1000,
+            max_bytes: 2 * one,
+            max_wait: Duration::from_millis(200),
+        };
+        let budget = limits.budget();
+        let mut b = Batcher::new(rx, limits, budget.clone());
+        tx.send(sized_chunk("a", 1, 1, 10_000)).await.unwrap();
+        tx.send(sized_chunk("a", 1, 2, 10_000)).await.unwrap();
+        let committing = b.next().await.unwrap();
+        tx.send(sized_chunk("a", 1, 3, 10_000)).await.unwrap();
+        let waiting = b.next().await.unwrap();
+        assert_eq!((committing.logs.len(), waiting.logs.len()), (2, 1));
+        // Three of the four units are held: the next batch has room for one item only, until
+        // the sink finishes the first batch 50 ms later.
+        tx.send(sized_chunk("a", 1, 4, 10_000)).await.unwrap();
+        tx.send(sized_chunk("a", 1, 5, 10_000)).await.unwrap();
+        let next = tokio::spawn(async move { b.next().await.map(|batch| batch.logs.len()) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(committing);
+        assert_eq!(next.await.unwrap(), Some(2));
+        drop(waiting);
     }
 
     #[tokio::test(start_paused = true)]
