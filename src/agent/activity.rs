@@ -64,6 +64,37 @@ pub struct AgentCounters {
     /// Why the database cannot be used right now (unreachable, login refused), for systemd's
     /// `STATUS=`; `None` while it works.
     pub db_problem: Option<String>,
+    /// Set while the sink holds a batch it has not committed yet: when it received it.
+    pub committing_since: Option<DateTime<Utc>>,
+    /// Rows in that batch.
+    pub committing_rows: usize,
+    /// Readers that failed, by daemon (absent: never failed).
+    pub readers: HashMap<String, ReaderHealth>,
+    /// Set while shipping is stuck (see [`Stuck`]).
+    pub stuck: Option<Stuck>,
+}
+
+/// A reader thread that failed (panicked, ended on its own or could not be started).
+#[derive(Debug, Clone, Default)]
+pub struct ReaderHealth {
+    /// Failures since the agent started.
+    pub failures: u64,
+    /// Times a new reader was started after a failure.
+    pub restarts: u64,
+    /// The last failure: the panic message or why the thread ended.
+    pub last_error: Option<String>,
+    pub last_failed_at: Option<DateTime<Utc>>,
+    /// From a failure until the new reader runs.
+    pub down: bool,
+}
+
+/// Shipping is stuck: no commit for longer than `[agent] stuck_after` while a batch waits.
+#[derive(Debug, Clone)]
+pub struct Stuck {
+    /// When the batch that cannot be committed reached the sink.
+    pub since: DateTime<Utc>,
+    /// One line: how long, and the sink's last error when it said one.
+    pub reason: String,
 }
 
 /// Everything the agent's tasks share about activity.

@@ -22,7 +22,7 @@ pub mod tail;
 
 use crate::config::Config;
 use crate::db::DbTarget;
-use batch::{Batch, Batcher, Item};
+use batch::{Batch, Batcher, Item, Limits};
 use sink::{Sink, SinkError, SinkOptions};
 use std::time::Duration;
 use supervisor::Supervisor;
@@ -33,7 +33,9 @@ use tokio_util::sync::CancellationToken;
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// `run --once` gives up when the database stays unreachable this long.
 pub const ONCE_GIVE_UP: Duration = Duration::from_secs(30);
-/// Items in flight between readers and the batcher.
+/// Items in flight between readers and the batcher. Each is one reader chunk (at most 1000
+/// records read from one buffer, so about a read buffer plus one `max_line_bytes` line);
+/// behind the channel, bytes are bounded by the batcher's budget (`2 × [batch] max_bytes`).
 const CHANNEL_CAPACITY: usize = 4;
 
 /// The `--once` give-up time; `PIPEWATCH_ONCE_GIVE_UP_SECS` shortens it (for tests).
@@ -86,14 +88,30 @@ pub async fn run(
     let (tx, rx) = mpsc::channel::<Item>(CHANNEL_CAPACITY);
     // Sent while the channel is still empty: nothing receives until the batcher starts below,
     // so a send after the readers have filled the channel would wait forever.
-    let started = metrics::agent_started_event(&host, &config);
-    let _ = tx
+    let mut started = metrics::agent_started_event(&host, &config);
+    if let Some(details) = started.details.as_object_mut() {
+        // For `pipewatch status`: how long this agent may go without a commit.
+        details.insert(
+            "stuck_after_secs".into(),
+            config.agent.stuck_after.as_secs_f64().into(),
+        );
+        details.insert(
+            "commit_every_secs".into(),
+            commit_every(&config).as_secs_f64().into(),
+        );
+    }
+    if tx
         .send(Item::Rows {
             metrics: vec![],
             events: vec![started],
         })
-        .await;
-    let mut sup = Supervisor::new(&config, once, tx.clone(), activity.clone(), stop.clone());
+        .await
+        .is_err()
+    {
+        tracing::warn!("cannot record agent_started: the batcher is gone");
+    }
+    let (mut sup, exits) =
+        Supervisor::new(&config, once, tx.clone(), activity.clone(), stop.clone());
     for d in &config.daemons {
         let checkpoints = sink.load_checkpoints(&d.name).await?;
         sup.start(d, checkpoints);
@@ -142,6 +160,7 @@ pub async fn run(
     drop(tx);
     let supervisor = tokio::spawn(supervise(
         sup,
+        exits,
         config.clone(),
         target_for_reload,
         once,
@@ -149,10 +168,20 @@ pub async fn run(
         readers_done,
         reload_tx,
     ));
-    let notifier = tokio::spawn(notify_systemd(activity.clone(), stop.clone()));
+    let notifier = tokio::spawn(watchdog(
+        activity.clone(),
+        config.agent.stuck_after,
+        stop.clone(),
+    ));
 
-    // The batcher fills the next batch while the sink commits the current one.
-    let mut batcher = Batcher::new(rx, config.batch.max_records, config.batch.max_wait);
+    // The batcher fills the next batch while the sink commits the current one; both, and the
+    // batch waiting between them, share one byte budget.
+    let limits = Limits {
+        max_records: config.batch.max_records,
+        max_bytes: config.batch.max_bytes,
+        max_wait: config.batch.max_wait,
+    };
+    let mut batcher = Batcher::new(rx, limits, limits.budget());
     let (batch_tx, mut batches) = mpsc::channel::<Batch>(1);
     tokio::spawn(async move {
         while let Some(batch) = batcher.next().await {
@@ -166,7 +195,18 @@ pub async fn run(
         let Some(batch) = batches.recv().await else {
             break Ok(());
         };
-        if let Err(e) = sink.commit(batch, None).await {
+        {
+            let mut a = activity.lock().unwrap_or_else(|e| e.into_inner());
+            a.agent.committing_since = Some(chrono::Utc::now());
+            a.agent.committing_rows = batch.rows();
+        }
+        let committed = sink.commit(batch, None).await;
+        {
+            let mut a = activity.lock().unwrap_or_else(|e| e.into_inner());
+            a.agent.committing_since = None;
+            a.agent.committing_rows = 0;
+        }
+        if let Err(e) = committed {
             break Err(e);
         }
     };
@@ -195,43 +235,74 @@ pub async fn run(
     crate::telemetry::sd_notify("STOPPING=1");
     notifier.abort();
     if result.is_ok() {
-        let _ = supervisor.await;
+        match supervisor.await {
+            // `--once` with a reader that kept failing: the run failed (what was committed
+            // stays; the rest is read again at the next run).
+            Ok(Some(failure)) => return Err(SinkError::Schema(failure)),
+            Ok(None) => {}
+            Err(error) => tracing::error!(%error, "the supervisor task failed"),
+        }
     }
     result.map(|()| summary)
 }
 
-/// Owns the readers until the agent stops; applies SIGHUP reloads meanwhile.
+/// The longest a healthy agent goes without committing: its shortest metrics interval (every
+/// sample is a row), or a minute without daemons sampled.
+fn commit_every(config: &Config) -> Duration {
+    config
+        .daemons
+        .iter()
+        .map(|d| d.metrics_interval)
+        .min()
+        .unwrap_or(Duration::from_secs(60))
+}
+
+/// Owns the readers until the agent stops (with `once`: until every reader is done): applies
+/// SIGHUP reloads and restarts readers that fail. Returns why a `--once` run failed, if it did.
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
     mut sup: Supervisor,
+    mut exits: mpsc::UnboundedReceiver<supervisor::ReaderExit>,
     mut config: Config,
     target: DbTarget,
     once: bool,
     stop: CancellationToken,
     readers_done: CancellationToken,
     reload_metrics: std::sync::mpsc::Sender<Vec<crate::config::DaemonConfig>>,
-) {
-    if once {
-        sup.close();
-        sup.join_all().await;
-        readers_done.cancel();
-        return;
-    }
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(h) => Some(h),
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGHUP; reload disabled");
-            None
+) -> Option<String> {
+    let mut hup = if once {
+        None
+    } else {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(h) => Some(h),
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP; reload disabled");
+                None
+            }
         }
     };
     loop {
+        sup.flush_events().await;
+        if once && (sup.is_idle() || sup.gave_up().is_some()) {
+            break;
+        }
         let got_hup = async {
             match &mut hup {
                 Some(h) => h.recv().await,
                 None => std::future::pending().await,
             }
         };
+        let restart_at = sup.next_restart();
+        let restart_due = async {
+            match restart_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = stop.cancelled() => break,
+            Some(exit) = exits.recv() => sup.on_exit(exit).await,
+            _ = restart_due => sup.restart_due(&target).await,
             _ = got_hup => {
                 crate::telemetry::sd_notify("RELOADING=1");
                 let loaded = crate::config::load(&config.source)
@@ -245,7 +316,9 @@ async fn supervise(
                     Ok(new) => match sup.reload(&config, &new, &target).await {
                         Ok(()) => {
                             tracing::info!(daemons = new.daemons.len(), "config reloaded");
-                            let _ = reload_metrics.send(new.daemons.clone());
+                            if reload_metrics.send(new.daemons.clone()).is_err() {
+                                tracing::warn!("the metrics thread is gone; metrics keep the old config");
+                            }
                             config = new;
                         }
                         Err(error) => tracing::error!(error = %format!("{error:#}"), "config reload failed"),
@@ -255,9 +328,11 @@ async fn supervise(
             }
         }
     }
+    let gave_up = sup.gave_up().map(str::to_string);
     sup.close();
     sup.join_all().await;
     readers_done.cancel();
+    gave_up
 }
 
 /// `[retention]`: shortly after start and then hourly, offers to apply the retention; the
@@ -341,35 +416,167 @@ fn sample_loop(
     }
 }
 
-/// systemd STATUS and WATCHDOG pings while the agent runs.
-async fn notify_systemd(activity: activity::SharedActivity, stop: CancellationToken) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
-    }
+/// Watches for a stuck agent and keeps systemd informed while the agent runs: `STATUS=` every
+/// tick, `WATCHDOG=1` only while shipping is not stuck (so systemd restarts a stuck agent).
+async fn watchdog(
+    activity: activity::SharedActivity,
+    stuck_after: Duration,
+    stop: CancellationToken,
+) {
+    let notify = std::env::var_os("NOTIFY_SOCKET").is_some();
     let every = crate::telemetry::watchdog_interval()
         .unwrap_or(Duration::from_secs(10))
-        .min(Duration::from_secs(10));
+        .min(Duration::from_secs(10))
+        .min((stuck_after / 4).max(Duration::from_millis(100)));
     loop {
-        let status = match activity.lock() {
-            // Why the database cannot be used (login refused, unreachable) comes first.
-            Ok(a) if a.agent.db_problem.is_some() => {
-                let problem = a.agent.db_problem.as_deref().unwrap_or_default();
-                format!("STATUS={problem}")
+        let now = chrono::Utc::now();
+        let status = {
+            // Plain data: a lock poisoned by a panicking writer still holds readable values.
+            let mut a = activity.lock().unwrap_or_else(|e| e.into_inner());
+            let was = a.agent.stuck.is_some();
+            let problem = crate::telemetry::last_sink_problem();
+            a.agent.stuck = stuck(&a.agent, stuck_after, now, problem);
+            match (&a.agent.stuck, was) {
+                (Some(s), false) => {
+                    tracing::error!(reason = %s.reason, "shipping is stuck; no longer petting the systemd watchdog")
+                }
+                (None, true) => tracing::info!("shipping resumed"),
+                _ => {}
             }
-            Ok(a) => format!(
-                "STATUS=files {}, records shipped {}, lag {} bytes, reconnects {}",
-                a.files.len(),
-                a.agent.records_shipped,
-                a.files.values().map(|f| f.lag_bytes).sum::<u64>(),
-                a.agent.reconnects
-            ),
-            Err(_) => "STATUS=running".to_string(),
+            status_line(&a)
         };
-        crate::telemetry::sd_notify(&status);
-        crate::telemetry::sd_notify("WATCHDOG=1");
+        let stuck_now = status.starts_with("STUCK");
+        if notify {
+            crate::telemetry::sd_notify(&format!("STATUS={status}"));
+            if !stuck_now {
+                crate::telemetry::sd_notify("WATCHDOG=1");
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+/// Whether shipping is stuck: a batch has waited longer than `stuck_after` for its commit.
+/// The reason names the sink's last complaint when it made one while that batch waited.
+fn stuck(
+    agent: &activity::AgentCounters,
+    stuck_after: Duration,
+    now: chrono::DateTime<chrono::Utc>,
+    sink_problem: Option<(chrono::DateTime<chrono::Utc>, String)>,
+) -> Option<activity::Stuck> {
+    let since = agent.committing_since?;
+    let waited = (now - since).to_std().unwrap_or_default();
+    if waited < stuck_after {
+        return None;
+    }
+    let waited = humantime::format_duration(Duration::from_secs(waited.as_secs()));
+    let mut reason = format!(
+        "no commit for {waited} (stuck_after {}): a batch of {} rows waits",
+        humantime::format_duration(stuck_after),
+        agent.committing_rows
+    );
+    if let Some((at, problem)) = sink_problem.filter(|(at, _)| *at >= since) {
+        reason.push_str(&format!(
+            "; last error {}: {problem}",
+            at.format("%H:%M:%S")
+        ));
+    }
+    Some(activity::Stuck { since, reason })
+}
+
+/// The one-line state systemd shows: stuck first, then failed readers, then the counters.
+fn status_line(a: &activity::Activity) -> String {
+    if let Some(s) = &a.agent.stuck {
+        return format!("STUCK: {}", s.reason);
+    }
+    // Why the database cannot be used (login refused, unreachable) comes next.
+    if let Some(problem) = &a.agent.db_problem {
+        return problem.clone();
+    }
+    let mut line = format!(
+        "files {}, records shipped {}, lag {} bytes, reconnects {}",
+        a.files.len(),
+        a.agent.records_shipped,
+        a.files.values().map(|f| f.lag_bytes).sum::<u64>(),
+        a.agent.reconnects
+    );
+    let mut down: Vec<(&String, &activity::ReaderHealth)> =
+        a.agent.readers.iter().filter(|(_, h)| h.down).collect();
+    down.sort_by_key(|(name, _)| name.as_str());
+    for (name, h) in down {
+        line.push_str(&format!(
+            "; reader {name} failed ({}), restarting",
+            h.last_error.as_deref().unwrap_or("?")
+        ));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn stuck_only_past_the_limit_and_with_the_sinks_complaint_made_meanwhile() {
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 29, 12, 0, 0).unwrap();
+        let mut agent = activity::AgentCounters::default();
+        let limit = Duration::from_secs(120);
+        let at = |s: i64| t0 + chrono::Duration::seconds(s);
+        assert!(
+            stuck(&agent, limit, at(1000), None).is_none(),
+            "nothing waits"
+        );
+        agent.committing_since = Some(t0);
+        agent.committing_rows = 7;
+        assert!(stuck(&agent, limit, at(119), None).is_none());
+        let old = Some((at(-5), "from before".to_string()));
+        let s = stuck(&agent, limit, at(130), old).unwrap();
+        assert_eq!(s.since, t0);
+        assert_eq!(
+            s.reason,
+            "no commit for 2m 10s (stuck_after 2m): a batch of 7 rows waits"
+        );
+        let new = Some((
+            at(3),
+            "commit failed; retrying the same batch: 42501 permission denied".to_string(),
+        ));
+        let s = stuck(&agent, limit, at(130), new).unwrap();
+        assert!(
+            s.reason.ends_with("; last error 12:00:03: commit failed; retrying the same batch: 42501 permission denied"),
+            "{}",
+            s.reason
+        );
+    }
+
+    #[test]
+    fn the_status_line_says_stuck_first_then_failed_readers() {
+        let mut a = activity::Activity::default();
+        a.agent.records_shipped = 3;
+        assert_eq!(
+            status_line(&a),
+            "files 0, records shipped 3, lag 0 bytes, reconnects 0"
+        );
+        a.agent.readers.insert(
+            "app".into(),
+            activity::ReaderHealth {
+                failures: 1,
+                last_error: Some("panicked: boom".into()),
+                down: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            status_line(&a),
+            "files 0, records shipped 3, lag 0 bytes, reconnects 0; reader app failed (panicked: boom), restarting"
+        );
+        a.agent.stuck = Some(activity::Stuck {
+            since: Utc::now(),
+            reason: "no commit for 5m".into(),
+        });
+        assert_eq!(status_line(&a), "STUCK: no commit for 5m");
     }
 }

@@ -632,6 +632,13 @@ impl Sink {
                 "reconnects": a.agent.reconnects,
                 "pid": std::process::id(),
                 "unreadable": a.unreadable,
+                "readers": a.agent.readers.iter().map(|(name, h)| (name.clone(), json!({
+                    "failures": h.failures,
+                    "restarts": h.restarts,
+                    "down": h.down,
+                    "last_error": h.last_error,
+                    "last_failed_at": h.last_failed_at.map(|t| t.to_rfc3339()),
+                }))).collect::<Map<String, Value>>(),
             }),
             Err(_) => json!({}),
         }

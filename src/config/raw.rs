@@ -41,12 +41,14 @@ pub struct RawAgent {
     pub host: Option<String>,
     pub metrics_listen: Option<String>,
     pub max_open_files: Option<i64>,
+    pub stuck_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBatch {
     pub max_records: Option<i64>,
+    pub max_bytes: Option<i64>,
     pub max_wait: Option<String>,
 }
 

@@ -92,8 +92,14 @@ pub fn describe(config: &Config, effective_url: Option<&str>) -> String {
     if let Some(l) = &config.agent.metrics_listen {
         let _ = writeln!(out, "  metrics_listen = {l}");
     }
+    let _ = writeln!(
+        out,
+        "  stuck_after = {}",
+        humantime::format_duration(config.agent.stuck_after)
+    );
     let _ = writeln!(out, "[batch]");
     let _ = writeln!(out, "  max_records = {}", config.batch.max_records);
+    let _ = writeln!(out, "  max_bytes = {}", config.batch.max_bytes);
     let _ = writeln!(
         out,
         "  max_wait = {}",

@@ -14,6 +14,12 @@ use uuid::Uuid;
 pub const DEFAULT_MAX_RECORDS: usize = 5000;
 /// Log files held open at once by default (the agent also stays under its descriptor limit).
 pub const DEFAULT_MAX_OPEN_FILES: usize = 256;
+/// Default `[batch] max_bytes`: about 4 MiB of encoded log rows per transaction.
+pub const DEFAULT_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// The largest `[batch] max_bytes` (the in-flight budget is twice it, counted in a `u32`).
+pub const MAX_MAX_BYTES: usize = 1024 * 1024 * 1024;
+/// Default `[agent] stuck_after`.
+pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(300);
 /// Default `[batch] max_wait`.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(200);
 /// Default `max_line_bytes`.
@@ -152,11 +158,16 @@ pub struct AgentConfig {
     pub metrics_listen: Option<String>,
     /// Log files held open at once, at most, across all daemons.
     pub max_open_files: usize,
+    /// No commit for this long while a batch waits: the agent is stuck, tells systemd (and
+    /// stops petting its watchdog) and `pipewatch status`.
+    pub stuck_after: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
     pub max_records: usize,
+    /// Approximate bytes of rows per transaction; twice this bounds what is held in flight.
+    pub max_bytes: usize,
     pub max_wait: Duration,
 }
 
@@ -494,10 +505,17 @@ impl Resolver<'_> {
                 DEFAULT_MAX_OPEN_FILES
             }
         };
+        let stuck_after = self.duration(
+            "agent",
+            "stuck_after",
+            raw.agent.stuck_after.as_ref(),
+            DEFAULT_STUCK_AFTER,
+        );
         let agent = AgentConfig {
             host,
             metrics_listen: raw.agent.metrics_listen.clone(),
             max_open_files,
+            stuck_after,
         };
         let max_records = match raw.batch.max_records {
             None => DEFAULT_MAX_RECORDS,
@@ -512,6 +530,19 @@ impl Resolver<'_> {
                 DEFAULT_MAX_RECORDS
             }
         };
+        let max_bytes = match raw.batch.max_bytes {
+            None => DEFAULT_MAX_BYTES,
+            Some(n) if (1024..=MAX_MAX_BYTES as i64).contains(&n) => n as usize,
+            Some(n) => {
+                self.err(
+                    "batch",
+                    "max_bytes",
+                    Some(n.to_string()),
+                    format!("must be between 1024 and {MAX_MAX_BYTES} (1 GiB)"),
+                );
+                DEFAULT_MAX_BYTES
+            }
+        };
         let max_wait = self.duration(
             "batch",
             "max_wait",
@@ -520,6 +551,7 @@ impl Resolver<'_> {
         );
         let batch = BatchConfig {
             max_records,
+            max_bytes,
             max_wait,
         };
         let retention = raw.retention.as_ref().and_then(|r| {

@@ -27,6 +27,8 @@ fn the_example_config_parses_with_every_key() {
     assert_eq!(d.name, "clusterer");
     assert_eq!(d.rules.len(), 3);
     assert_eq!(cfg.batch.max_records, 5000);
+    assert_eq!(cfg.batch.max_bytes, 4 * 1024 * 1024);
+    assert_eq!(cfg.agent.stuck_after, std::time::Duration::from_secs(300));
     assert_eq!(cfg.batch.max_wait, std::time::Duration::from_millis(200));
     assert_eq!(d.max_line_bytes, 1_048_576);
     // Uncommenting every optional key must also parse.
@@ -81,16 +83,18 @@ fn bad_values_are_all_reported_with_their_line_and_value() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write(
         dir.path(),
-        "[batch]\nmax_wait = \"soon\"\n\n[daemons.app]\nlogs = [\"/tmp/x/*.jsonl\"]\nformat = \"xml\"\nexperiment_id = \"abc\"\ntext_pattern = \"(unclosed\"\n",
+        "[batch]\nmax_wait = \"soon\"\nmax_bytes = 12\n\n[agent]\nstuck_after = \"0s\"\n\n[daemons.app]\nlogs = [\"/tmp/x/*.jsonl\"]\nformat = \"xml\"\nexperiment_id = \"abc\"\ntext_pattern = \"(unclosed\"\n",
     );
     let (code, _, err) = check_config(&cfg);
     assert_eq!(code, Some(2), "{err}");
     let f = cfg.display();
     for want in [
         format!("{f}:2: batch.max_wait = \"soon\": not a duration"),
-        format!("{f}:6: daemons.app.format = \"xml\": must be one of auto, json, text"),
-        format!("{f}:7: daemons.app.experiment_id = \"abc\": not a UUID"),
-        format!("{f}:8: daemons.app.text_pattern = \"(unclosed\": invalid regex"),
+        format!("{f}:3: batch.max_bytes = 12: must be between 1024 and 1073741824 (1 GiB)"),
+        format!("{f}:6: agent.stuck_after = \"0s\": must be greater than zero"),
+        format!("{f}:10: daemons.app.format = \"xml\": must be one of auto, json, text"),
+        format!("{f}:11: daemons.app.experiment_id = \"abc\": not a UUID"),
+        format!("{f}:12: daemons.app.text_pattern = \"(unclosed\": invalid regex"),
     ] {
         assert!(err.contains(&want), "missing {want:?} in:\n{err}");
     }

@@ -20,6 +20,7 @@ mod rules_config;
 mod rules_e2e;
 mod schema;
 mod shipper;
+mod supervise;
 mod tidy;
 mod tls;
 mod verify;
