@@ -15,4 +15,5 @@ pub mod config;
 pub mod db;
 pub mod exit;
 pub mod model;
+pub mod suggest;
 pub mod telemetry;

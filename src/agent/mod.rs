@@ -348,17 +348,7 @@ async fn retain(target: DbTarget, host: String, older_than: Duration, stop: Canc
             _ = stop.cancelled() => return,
         }
         wait = Duration::from_secs(3600);
-        let result = async {
-            let client = crate::db::connect(&target).await?;
-            let row = client
-                .query_one(
-                    "SELECT pipewatch_apply_retention(make_interval(secs => $1::float8), $2)",
-                    &[&seconds, &host],
-                )
-                .await?;
-            anyhow::Ok(row.get::<_, Option<i64>>(0))
-        }
-        .await;
+        let result = sink::apply_retention(&target, seconds, &host).await;
         match result {
             Ok(Some(rows)) => tracing::info!(rows, older_than = %age, "retention applied"),
             Ok(None) => tracing::debug!("retention already applied today by this or another agent"),

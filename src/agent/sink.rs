@@ -1136,6 +1136,23 @@ async fn upsert_checkpoints(
     Ok(())
 }
 
+/// Offers to apply `[retention]` (rows older than `seconds`); the database lets one agent of
+/// the fleet do it once a day. `None` when it was done today already.
+pub async fn apply_retention(
+    target: &DbTarget,
+    seconds: f64,
+    host: &str,
+) -> anyhow::Result<Option<i64>> {
+    let client = crate::db::connect(target).await?;
+    let row = client
+        .query_one(
+            "SELECT pipewatch_apply_retention(make_interval(secs => $1::float8), $2)",
+            &[&seconds, &host],
+        )
+        .await?;
+    Ok(row.get::<_, Option<i64>>(0))
+}
+
 /// A daemon's committed positions, oldest first.
 pub async fn load_checkpoints(
     client: &Client,

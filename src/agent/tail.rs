@@ -569,7 +569,8 @@ impl Reader {
         };
         self.seen.remove(path);
         let mut file = file;
-        if file.seek(SeekFrom::Start(start)).is_err() {
+        if let Err(error) = file.seek(SeekFrom::Start(start)) {
+            self.cannot_read(&source, &error.to_string(), "cannot read log file");
             return;
         }
         let carry = read_before(&file, start).unwrap_or_default();
@@ -705,10 +706,17 @@ impl Reader {
         let n = match t.file.read(&mut self.buf) {
             Ok(n) => n,
             Err(error) => {
-                tracing::warn!(path = %t.source, %error, "read failed");
+                // Said once per file (and as an event), not once per poll.
+                let source = t.source.clone();
+                self.cannot_read(&source, &error.to_string(), "cannot read log file");
                 return Err(Flow::Continue);
             }
         };
+        if !self.reported.is_empty() && self.reported.contains(&t.source) {
+            let source = t.source.clone();
+            self.readable_again(&source);
+        }
+        let t = &mut self.files[i];
         if n == 0 {
             t.at_eof = true;
             let len = t.file.metadata().map(|m| m.len()).unwrap_or(0);

@@ -154,7 +154,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     if let Some(sample) = &args.sample {
         out!(
             "{}",
-            crate::agent::rules::sample_file_report(&config, args.daemon.as_deref(), sample)?
+            super::sample::sample_file_report(&config, args.daemon.as_deref(), sample)?
         );
     }
     Ok(if refused {

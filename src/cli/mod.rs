@@ -22,6 +22,7 @@ pub mod out;
 pub mod progress;
 pub mod render;
 pub mod run;
+pub mod sample;
 pub mod status;
 pub mod verify;
 
