@@ -32,6 +32,10 @@ pub const HEAD_BYTES: usize = 4096;
 pub const ANCHORS: usize = 1024;
 /// How long a mark whose file was truncated or vanished can still be adopted by a copy.
 pub const ORPHAN_TTL: Duration = Duration::from_secs(15 * 60);
+/// Orphans kept per daemon at most (the oldest go first), and how many of the newest keep
+/// the head bytes and anchors of a lineage that was being read.
+const MAX_ORPHANS: usize = 2048;
+const MAX_RICH_ORPHANS: usize = 32;
 
 /// A committed (or sent) position of one lineage.
 #[derive(Debug, Clone, PartialEq)]
@@ -200,7 +204,7 @@ impl Catalog {
             if key_inode(&m.key).is_some() {
                 c.record(m);
             } else {
-                c.orphans.push(Orphan {
+                c.push_orphan(Orphan {
                     mark: m,
                     since: Instant::now(),
                     vanished: true,
@@ -246,21 +250,27 @@ impl Catalog {
         ino: u64,
         len: u64,
     ) -> std::io::Result<Resume> {
-        let keys = self.by_inode.remove(&(dev, ino)).unwrap_or_default();
+        let keys = self.by_inode.get(&(dev, ino)).cloned().unwrap_or_default();
+        // Checked before anything changes: an I/O error leaves the catalog as it was.
         let mut found = None;
         // Newest lineage first: it is the one most likely to still fit.
         for key in keys.iter().rev() {
             let Some(mark) = self.marks.get(key) else {
                 continue;
             };
-            if found.is_none() {
-                if let Some(head) = verify(file, len, mark)? {
-                    found = Some((mark.clone(), head));
-                    continue;
-                }
+            if let Some(head) = verify(file, len, mark)? {
+                found = Some((mark.clone(), head));
+                break;
             }
-            if let Some(m) = self.marks.remove(key) {
-                self.orphans.push(Orphan {
+        }
+        let keep = found.as_ref().map(|(m, _)| m.key.clone());
+        self.by_inode.remove(&(dev, ino));
+        for key in keys {
+            if Some(&key) == keep.as_ref() {
+                continue;
+            }
+            if let Some(m) = self.marks.remove(&key) {
+                self.push_orphan(Orphan {
                     mark: m,
                     since: Instant::now(),
                     vanished: false,
@@ -281,21 +291,26 @@ impl Catalog {
     fn adopt(&mut self, file: &File, inode: (u64, u64), len: u64) -> std::io::Result<Resume> {
         let head = read_head(file, (len as usize).min(HEAD_BYTES))?;
         let first_line_end = head.iter().position(|b| *b == b'\n').map(|i| i as u64 + 1);
-        let mut chosen = None;
+        // The best match: a current-format mark over a legacy one, then the furthest position.
+        let mut chosen: Option<(usize, u64, bool)> = None;
         for (i, o) in self.orphans.iter().enumerate() {
             let m = &o.mark;
             if m.position == 0 || key_inode(&m.key) == Some(inode) {
                 continue;
             }
+            let legacy = m.head_hash.is_none();
+            let better = |pos: u64| {
+                chosen.is_none_or(|(_, p, l)| (l && !legacy) || (l == legacy && pos > p))
+            };
+            // A position within the first line proves nothing: files that begin alike (the
+            // same banner) would be taken for copies of each other, and a banner lost.
+            let within_first_line = |pos: u64| first_line_end.is_none_or(|e| pos <= e);
             if m.position <= len {
-                // A vanished file whose position is within the first line proves nothing: files
-                // that begin alike would be taken for its copy.
-                if o.vanished && first_line_end.is_none_or(|e| m.position <= e) {
+                if within_first_line(m.position) || !better(m.position) {
                     continue;
                 }
                 if verify(file, len, m)?.is_some() {
-                    chosen = Some((i, m.position));
-                    break;
+                    chosen = Some((i, m.position, legacy));
                 }
             } else if let Some(oh) = &o.head {
                 // Shorter than the position: a copy taken before the last lines were read.
@@ -304,17 +319,18 @@ impl Catalog {
                     continue;
                 }
                 for (end, hash) in o.anchors.ends_up_to(len) {
+                    if within_first_line(end) || !better(end) {
+                        break;
+                    }
                     let at = tail_hash(file, end)?;
                     if at == Some(format!("{hash:016x}")) {
-                        chosen = Some((i, end));
+                        chosen = Some((i, end, legacy));
                         break;
                     }
                 }
-                if chosen.is_some() {
-                    break;
-                }
             }
         }
+        let chosen = chosen.map(|(i, pos, _)| (i, pos));
         match chosen {
             Some((i, position)) => {
                 let o = self.orphans.swap_remove(i);
@@ -328,6 +344,91 @@ impl Catalog {
         }
     }
 
+    fn push_orphan(&mut self, o: Orphan) {
+        self.orphans.push(o);
+        if self.orphans.len() > MAX_ORPHANS {
+            let excess = self.orphans.len() - MAX_ORPHANS;
+            self.orphans.drain(..excess);
+        }
+        let rich = self.orphans.iter().filter(|o| o.head.is_some()).count();
+        if rich > MAX_RICH_ORPHANS {
+            let mut drop = rich - MAX_RICH_ORPHANS;
+            for o in self.orphans.iter_mut() {
+                if drop == 0 {
+                    break;
+                }
+                if o.head.is_some() {
+                    o.head = None;
+                    o.anchors = Anchors::default();
+                    drop -= 1;
+                }
+            }
+        }
+    }
+
+    /// Marks of an inode whose file is now shorter than them (truncated, perhaps to nothing)
+    /// become orphans, so a copy can adopt them even before the file is read again.
+    pub fn shrunk(&mut self, dev: u64, ino: u64, len: u64) {
+        let Some(keys) = self.by_inode.get_mut(&(dev, ino)) else {
+            return;
+        };
+        let gone: Vec<String> = keys
+            .iter()
+            .filter(|k| self.marks.get(*k).is_some_and(|m| m.position > len))
+            .cloned()
+            .collect();
+        keys.retain(|k| !gone.contains(k));
+        for key in gone {
+            if let Some(mark) = self.marks.remove(&key) {
+                self.push_orphan(Orphan {
+                    mark,
+                    since: Instant::now(),
+                    vanished: false,
+                    head: None,
+                    anchors: Anchors::default(),
+                });
+            }
+        }
+    }
+
+    /// The key of a live mark of another inode (a file not being read now) whose content
+    /// `file` repeats up to the mark: maybe a copy of that file, about to be truncated.
+    pub fn live_copy_of(
+        &self,
+        file: &File,
+        len: u64,
+        head: &[u8],
+        inode: (u64, u64),
+    ) -> std::io::Result<Option<String>> {
+        let first_line_end = head.iter().position(|b| *b == b'\n').map(|i| i as u64 + 1);
+        let mut hashes: HashMap<usize, String> = HashMap::new();
+        for (key, m) in &self.marks {
+            let Some(want) = &m.head_hash else { continue };
+            if m.position > len
+                || key_inode(key) == Some(inode)
+                || first_line_end.is_none_or(|e| m.position <= e)
+            {
+                continue;
+            }
+            let n = (m.position as usize).min(HEAD_BYTES);
+            if n > head.len() {
+                continue;
+            }
+            let h = hashes
+                .entry(n)
+                .or_insert_with(|| hash_tail_bytes(&head[..n]));
+            if h == want && tail_hash(file, m.position)? == m.tail_hash {
+                return Ok(Some(key.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `key` is a live mark (its file has not been truncated or gone).
+    pub fn is_live(&self, key: &str) -> bool {
+        self.marks.contains_key(key)
+    }
+
     /// A lineage being read ended (its file was truncated or replaced under the handle): its
     /// mark becomes an orphan that a copy can adopt, with the bytes in hand of it.
     pub fn ended(&mut self, key: &str, head: Vec<u8>, anchors: Anchors) {
@@ -339,7 +440,7 @@ impl Catalog {
                 keys.retain(|k| k != key);
             }
         }
-        self.orphans.push(Orphan {
+        self.push_orphan(Orphan {
             mark,
             since: Instant::now(),
             vanished: false,
@@ -360,7 +461,7 @@ impl Catalog {
         for ino in gone {
             for key in self.by_inode.remove(&ino).unwrap_or_default() {
                 if let Some(mark) = self.marks.remove(&key) {
-                    self.orphans.push(Orphan {
+                    self.push_orphan(Orphan {
                         mark,
                         since: Instant::now(),
                         vanished: true,
@@ -548,12 +649,76 @@ mod tests {
                 .unwrap(),
             Resume::New { .. }
         ));
-        // A copy (another inode) still adopts it.
+        // Nor does another inode holding only the banner: within the first line nothing tells
+        // a copy from a new file that begins alike, and shipping a banner twice beats losing
+        // one.
         let (_t2, copy) = file_with(&banner_only);
         assert!(matches!(
             c.resolve(&copy, 1, 0x11, banner_only.len() as u64).unwrap(),
+            Resume::New { .. }
+        ));
+    }
+
+    #[test]
+    fn a_file_found_shorter_than_its_mark_orphans_it_for_the_copy() {
+        let a = content("a", 8);
+        let (_t, copy) = file_with(&a);
+        let mut c = Catalog::default();
+        c.record(mark_at("1:10:aa", &a, a.len() as u64));
+        // The original, idle and closed, is truncated to nothing; its copy appears.
+        c.shrunk(1, 0x10, 0);
+        assert!(!c.is_live("1:10:aa"));
+        assert!(matches!(
+            c.resolve(&copy, 1, 0x11, a.len() as u64).unwrap(),
             Resume::Adopted { .. }
         ));
+    }
+
+    #[test]
+    fn a_copy_of_a_closed_file_is_seen_before_the_truncate() {
+        let a = content("a", 8);
+        let (_t, copy) = file_with(&a);
+        let mut c = Catalog::default();
+        c.record(mark_at("1:10:aa", &a, a.len() as u64));
+        assert_eq!(
+            c.live_copy_of(&copy, a.len() as u64, &a, (1, 0x11))
+                .unwrap(),
+            Some("1:10:aa".to_string())
+        );
+        // Its own inode, or a file that differs, is no copy.
+        assert_eq!(
+            c.live_copy_of(&copy, a.len() as u64, &a, (1, 0x10))
+                .unwrap(),
+            None
+        );
+        let b = content("b", 8);
+        let (_t, other) = file_with(&b);
+        assert_eq!(
+            c.live_copy_of(&other, b.len() as u64, &b, (1, 0x12))
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_current_mark_is_preferred_to_a_legacy_one_and_the_furthest_wins() {
+        let a = content("a", 8);
+        let (_t, copy) = file_with(&a);
+        let fp = crate::agent::fingerprint::fingerprint(&copy)
+            .unwrap()
+            .unwrap();
+        let mut legacy = mark_at(&fp, &a, a.len() as u64);
+        legacy.head_hash = None;
+        let early = mark_at("1:10:aa", &a, a.len() as u64 - 12);
+        let late = mark_at("1:10:bb", &a, a.len() as u64);
+        let mut c = Catalog::load(vec![legacy, early.clone(), late.clone()]);
+        c.sweep(&|_, _| false);
+        match c.resolve(&copy, 2, 0x11, a.len() as u64).unwrap() {
+            Resume::Adopted { mark, position, .. } => {
+                assert_eq!((mark.key.as_str(), position), ("1:10:bb", a.len() as u64))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
 /// How long a new file that is still a prefix of a file being read waits to be told apart
 /// (a copytruncate's copy: the original is truncated right after) after its last change.
 pub const COPY_WAIT: Duration = Duration::from_secs(10);
+/// The longest a new file waits as a possible copy, however it grows meanwhile (a file that
+/// stays a growing prefix of another, e.g. written through `tee`, is a file of its own).
+pub const COPY_WAIT_MAX: Duration = Duration::from_secs(60);
 /// How long a reader woken by a notify hint waits before reading: a tenth of `max_wait`, at
 /// most 50 ms, so a line still reaches the sink well within `max_wait`.
 fn wake_debounce(max_wait: Duration) -> Duration {
@@ -101,7 +104,8 @@ enum Skip {
     CopyOf(String),
     /// Let go while idle at EOF.
     Idle,
-    /// Could not be opened (permissions): said once, tried again now and then.
+    /// Could not be opened (permissions): said once, tried again when its permissions change
+    /// and every [`UNREADABLE_RETRY`].
     Unreadable,
     /// An earlier daemon's glob matches it: that daemon ships it.
     Claimed,
@@ -112,6 +116,10 @@ struct Seen {
     dev: u64,
     ino: u64,
     len: u64,
+    /// Status change time (a `chmod` or `setfacl` changes it), in nanoseconds.
+    ctime: i128,
+    /// When this path was first skipped for the same reason (bounds the wait of a copy).
+    first: Instant,
     skip: Skip,
     at: Instant,
 }
@@ -437,12 +445,18 @@ impl Reader {
     }
 
     fn skip(&mut self, path: &Path, meta: &std::fs::Metadata, skip: Skip) {
+        let first = match self.seen.get(path) {
+            Some(s) if s.skip == skip && s.dev == meta.dev() && s.ino == meta.ino() => s.first,
+            _ => Instant::now(),
+        };
         self.seen.insert(
             path.to_path_buf(),
             Seen {
                 dev: meta.dev(),
                 ino: meta.ino(),
                 len: meta.len(),
+                ctime: ctime_of(meta),
+                first,
                 skip,
                 at: Instant::now(),
             },
@@ -464,9 +478,13 @@ impl Reader {
             let unchanged = match &s.skip {
                 Skip::Compressed | Skip::Claimed => true,
                 // Permissions may be fixed without the file changing: look again now and then.
-                Skip::Unreadable => s.at.elapsed() < UNREADABLE_RETRY,
+                Skip::Unreadable => s.ctime == ctime_of(meta) && s.at.elapsed() < UNREADABLE_RETRY,
                 Skip::Idle => s.len == len,
-                Skip::CopyOf(_) => s.len == len && s.at.elapsed() < COPY_WAIT,
+                Skip::CopyOf(of) => {
+                    s.len == len
+                        && s.at.elapsed() < COPY_WAIT
+                        && (self.catalog.is_live(of) || self.files.iter().any(|t| t.key == *of))
+                }
             };
             if s.dev == dev && s.ino == ino && unchanged {
                 return;
@@ -477,6 +495,9 @@ impl Reader {
             self.skip(path, meta, Skip::Claimed);
             return;
         }
+        // A known file now shorter than its position was truncated: its position is an orphan
+        // a copy may adopt, even while the file itself has nothing to read.
+        self.catalog.shrunk(dev, ino, len);
         if len == 0 {
             return;
         }
@@ -530,27 +551,37 @@ impl Reader {
             }
             Resume::New { head } => {
                 if !self.setup.once {
-                    if let Some(of) = self.copy_of(&file, len, &head) {
-                        // How long it has been a prefix of that file at this length.
-                        let waited = match self.seen.get(path) {
+                    let of = self.copy_of(&file, len, &head).or_else(|| {
+                        self.catalog
+                            .live_copy_of(&file, len, &head, (dev, ino))
+                            .ok()
+                            .flatten()
+                    });
+                    if let Some(of) = of {
+                        // How long it has been a prefix at this length, and since first seen.
+                        let (waited, since_first) = match self.seen.get(path) {
                             Some(s)
                                 if s.dev == dev
                                     && s.ino == ino
-                                    && s.len == len
                                     && matches!(s.skip, Skip::CopyOf(_)) =>
                             {
-                                s.at.elapsed()
+                                let at = if s.len == len {
+                                    s.at.elapsed()
+                                } else {
+                                    Duration::ZERO
+                                };
+                                (at, s.first.elapsed())
                             }
-                            _ => Duration::ZERO,
+                            _ => (Duration::ZERO, Duration::ZERO),
                         };
-                        if waited < COPY_WAIT {
+                        if waited < COPY_WAIT && since_first < COPY_WAIT_MAX {
                             if waited.is_zero() {
-                                tracing::debug!(path = %source, "new file is a prefix of a file being read; waiting to see whether it is a copy");
+                                tracing::debug!(path = %source, "new file repeats a file already read; waiting to see whether it is a copy");
                                 self.skip(path, meta, Skip::CopyOf(of));
                             }
                             return;
                         }
-                        tracing::debug!(path = %source, "prefix of a file being read, but that file was not truncated: a file of its own");
+                        tracing::debug!(path = %source, "repeats a file already read, but that file was not truncated: a file of its own");
                     }
                 }
                 let inherited = self
@@ -558,7 +589,12 @@ impl Reader {
                     .get(&source)
                     .cloned()
                     .unwrap_or_default();
-                let start = if startup && self.setup.daemon.start_at == StartAt::End {
+                // `end` is for the files present when the daemon is first watched: a daemon
+                // with positions (a restart, a reload, a reader restarted) reads new files whole.
+                let start = if startup
+                    && self.setup.daemon.start_at == StartAt::End
+                    && self.setup.checkpoints.is_empty()
+                {
                     announce = true;
                     last_line_end(&file, len)
                 } else {
@@ -611,6 +647,11 @@ impl Reader {
     fn copy_of(&self, file: &File, len: u64, head: &[u8]) -> Option<String> {
         for t in &self.files {
             let t_len = t.file.metadata().map(|m| m.len()).unwrap_or(0);
+            if t_len < t.read_pos {
+                // Truncated since it was last checked: a new file now is likely its copy;
+                // wait until the truncation is handled and the copy can adopt its position.
+                return Some(t.key.clone());
+            }
             if len > t_len || t.head.len() < head.len().min(HEAD_BYTES) {
                 continue;
             }
@@ -640,7 +681,7 @@ impl Reader {
             .files
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.at_eof && !t.parser.holding())
+            .filter(|(_, t)| t.releasable())
             .max_by_key(|(_, t)| t.last_data.elapsed())
             .map(|(i, _)| i);
         match candidate {
@@ -656,8 +697,7 @@ impl Reader {
     fn let_go_finished(&mut self) {
         let mut i = 0;
         while i < self.files.len() {
-            let t = &self.files[i];
-            if t.at_eof && !t.parser.holding() {
+            if self.files[i].releasable() {
                 self.release(i);
                 continue;
             }
@@ -670,13 +710,16 @@ impl Reader {
         let t = self.files.remove(i);
         tracing::debug!(path = %t.source, rotated = t.rotated, "letting go of file");
         if !t.rotated {
-            let len = t.file.metadata().map(|m| m.len()).unwrap_or(0);
+            // What was read, not the size now: bytes written since are read when it reopens.
+            let len = t.read_pos;
             self.seen.insert(
                 t.path.clone(),
                 Seen {
                     dev: t.dev,
                     ino: t.ino,
                     len,
+                    ctime: 0,
+                    first: Instant::now(),
                     skip: Skip::Idle,
                     at: Instant::now(),
                 },
@@ -730,8 +773,16 @@ impl Reader {
         // (copytruncate, or a daemon reopening it with O_TRUNC): then what we just read belongs
         // to new content. Checking the bytes before the read position after the read makes
         // that certain; the bytes are dropped and the file is read again as new.
-        if content_moved(&t.file, t.read_pos, &t.head, &t.carry).unwrap_or(true) {
-            return self.replaced(i);
+        match content_moved(&t.file, t.read_pos, &t.head, &t.carry) {
+            Ok(false) => {}
+            Ok(true) => return self.replaced(i),
+            Err(error) => {
+                // Unknown: read these bytes again later rather than guess.
+                let (pos, source) = (t.read_pos, t.source.clone());
+                let _ = t.file.seek(SeekFrom::Start(pos));
+                self.cannot_read(&source, &error.to_string(), "cannot read log file");
+                return Err(Flow::Continue);
+            }
         }
         let buf_start = t.read_pos;
         t.at_eof = false;
@@ -926,6 +977,13 @@ impl Reader {
 }
 
 impl Tracked {
+    /// At EOF with nothing held, and not a renamed-away file within its grace period.
+    fn releasable(&self) -> bool {
+        self.at_eof
+            && !self.parser.holding()
+            && (!self.rotated || self.last_data.elapsed() >= ROTATED_GRACE)
+    }
+
     /// The checkpoint of position `end` of this file.
     fn checkpoint(&self, daemon: &str, end: u64, tail_hash: Option<String>) -> Checkpoint {
         Checkpoint {
@@ -947,6 +1005,11 @@ impl Tracked {
         let k = (TAIL_BYTES.min(pos)) as usize;
         (self.carry.len() >= k).then(|| hash_tail_bytes(&self.carry[self.carry.len() - k..]))
     }
+}
+
+/// A file's status change time in nanoseconds.
+fn ctime_of(meta: &std::fs::Metadata) -> i128 {
+    i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec())
 }
 
 /// The (up to) [`TAIL_BYTES`] bytes before `pos`.

@@ -422,3 +422,63 @@ fn a_file_the_agent_cannot_read_fails_run_once_and_is_reported() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
     judge(&env, "app", &(0..20).collect::<Vec<_>>(), 0);
 }
+
+#[test]
+fn a_running_agent_reports_an_unreadable_file_in_status_and_ships_it_once_readable() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(env.path("logs")).unwrap();
+    append(&env.path("logs/open.jsonl"), &lines(0..10));
+    let secret = env.path("logs/secret.jsonl");
+    append(&secret, &lines(10..20));
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = env.config("[daemons.app]\nlogs = [\"$DIR/logs/*.jsonl\"]\n");
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let stderr_path = env.path("agent-nobody.stderr");
+    let mut child = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(bin())
+        .args(["--config", cfg.to_str().unwrap(), "run"])
+        .env_remove("PIPEWATCH_DATABASE_URL")
+        .env_remove("PIPEWATCH_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let status = || {
+        let out = crate::support::pipewatch(&["--database-url", &env.db, "status"]);
+        text(&out).0
+    };
+    let reported = wait_until(Duration::from_secs(20), || {
+        status().contains("cannot read (retried):") && status().contains("secret.jsonl")
+    });
+    let event = env.count(
+        "SELECT count(*) FROM pipeline_events WHERE event_type = 'agent_error' \
+         AND message LIKE '%secret.jsonl%'",
+    );
+    // Made readable (a chmod, as an ACL would): picked up without waiting for the retry.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let shipped = wait_until(Duration::from_secs(10), || {
+        env.count("SELECT count(*) FROM pipeline_logs WHERE daemon = 'app'") >= 20
+    });
+    let healed = wait_until(Duration::from_secs(10), || {
+        !status().contains("cannot read")
+    });
+    // runuser passes SIGTERM on to the agent.
+    // SAFETY: kill on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(
+        reported,
+        "status never named the unreadable file:\n{}\n{log}",
+        status()
+    );
+    assert_eq!(event, 1, "{log}");
+    assert!(shipped, "{log}");
+    assert!(healed, "{}", status());
+    judge(&env, "app", &(0..20).collect::<Vec<_>>(), 0);
+}
