@@ -482,3 +482,41 @@ fn a_running_agent_reports_an_unreadable_file_in_status_and_ships_it_once_readab
     assert!(healed, "{}", status());
     judge(&env, "app", &(0..20).collect::<Vec<_>>(), 0);
 }
+
+#[test]
+fn a_copytruncate_of_a_quiet_file_while_the_agent_is_stopped_is_not_shipped_again() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.path("logs")).unwrap();
+    let log = env.path("logs/app.jsonl");
+    append(&log, &banner_and(0..100));
+    let cfg = env.config("[daemons.app]\nlogs = [\"$DIR/logs/app.jsonl*\"]\n");
+    env.run_once_ok(&cfg);
+    // logrotate's copytruncate at night, the daemon quiet: the original is left empty.
+    std::fs::copy(&log, env.path("logs/app.jsonl.1")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&log)
+        .unwrap();
+    env.run_once_ok(&cfg);
+    judge(&env, "app", &(0..100).collect::<Vec<_>>(), 1);
+    // The daemon writes again: only the new lines are shipped.
+    append(&log, &lines(100..130));
+    env.run_once_ok(&cfg);
+    judge(&env, "app", &(0..130).collect::<Vec<_>>(), 1);
+}
+
+#[test]
+fn start_at_end_skips_only_what_was_there_when_the_daemon_was_first_watched() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.path("logs")).unwrap();
+    append(&env.path("logs/old.jsonl"), &lines(0..50));
+    let cfg = env.config("[daemons.app]\nlogs = [\"$DIR/logs/*.jsonl\"]\nstart_at = \"end\"\n");
+    env.run_once_ok(&cfg);
+    judge(&env, "app", &[], 0);
+    // A file that appears while the agent is stopped is read whole at the next start.
+    append(&env.path("logs/new.jsonl"), &lines(50..80));
+    append(&env.path("logs/old.jsonl"), &lines(80..90));
+    env.run_once_ok(&cfg);
+    judge(&env, "app", &(50..90).collect::<Vec<_>>(), 0);
+}
