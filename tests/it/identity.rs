@@ -4,7 +4,7 @@
 //! read. Every case judges exact counts: the expected sequence numbers, nothing else, once.
 
 use crate::support::agent::{append, append_bytes, json_line, wait_until, Agent, Env};
-use crate::support::{bin, text};
+use crate::support::text;
 use std::path::Path;
 use std::time::Duration;
 
@@ -370,12 +370,7 @@ fn more_files_than_descriptors_are_all_shipped_once() {
 
 /// Runs the binary as `nobody` (root reads every file, so permissions need another user).
 fn as_nobody(args: &[&str]) -> std::process::Output {
-    std::process::Command::new("runuser")
-        .args(["-u", "nobody", "--"])
-        .arg(bin())
-        .args(args)
-        .env_remove("PIPEWATCH_DATABASE_URL")
-        .env_remove("PIPEWATCH_CONFIG")
+    crate::support::nonroot::cmd(args)
         .output()
         .expect("runuser runs")
 }
@@ -383,6 +378,9 @@ fn as_nobody(args: &[&str]) -> std::process::Output {
 #[test]
 fn a_file_the_agent_cannot_read_fails_run_once_and_is_reported() {
     use std::os::unix::fs::PermissionsExt;
+    if !crate::support::nonroot::available() {
+        return;
+    }
     let env = Env::new();
     let dir = env.dir.path();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -426,6 +424,9 @@ fn a_file_the_agent_cannot_read_fails_run_once_and_is_reported() {
 #[test]
 fn a_running_agent_reports_an_unreadable_file_in_status_and_ships_it_once_readable() {
     use std::os::unix::fs::PermissionsExt;
+    if !crate::support::nonroot::available() {
+        return;
+    }
     let env = Env::new();
     std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::create_dir_all(env.path("logs")).unwrap();
@@ -436,12 +437,7 @@ fn a_running_agent_reports_an_unreadable_file_in_status_and_ships_it_once_readab
     let cfg = env.config("[daemons.app]\nlogs = [\"$DIR/logs/*.jsonl\"]\n");
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
     let stderr_path = env.path("agent-nobody.stderr");
-    let mut child = std::process::Command::new("runuser")
-        .args(["-u", "nobody", "--"])
-        .arg(bin())
-        .args(["--config", cfg.to_str().unwrap(), "run"])
-        .env_remove("PIPEWATCH_DATABASE_URL")
-        .env_remove("PIPEWATCH_CONFIG")
+    let mut child = crate::support::nonroot::cmd(&["--config", cfg.to_str().unwrap(), "run"])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
