@@ -401,7 +401,15 @@ impl Catalog {
         inode: (u64, u64),
     ) -> std::io::Result<Option<String>> {
         let first_line_end = head.iter().position(|b| *b == b'\n').map(|i| i as u64 + 1);
-        let mut hashes: HashMap<usize, String> = HashMap::new();
+        // The head checksum of every prefix, in one pass (FNV-1a extends byte by byte).
+        let mut prefix = Vec::with_capacity(head.len() + 1);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        prefix.push(h);
+        for b in head {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+            prefix.push(h);
+        }
         for (key, m) in &self.marks {
             let Some(want) = &m.head_hash else { continue };
             if m.position > len
@@ -411,13 +419,10 @@ impl Catalog {
                 continue;
             }
             let n = (m.position as usize).min(HEAD_BYTES);
-            if n > head.len() {
+            if n > head.len() || u64::from_str_radix(want, 16).ok() != Some(prefix[n]) {
                 continue;
             }
-            let h = hashes
-                .entry(n)
-                .or_insert_with(|| hash_tail_bytes(&head[..n]));
-            if h == want && tail_hash(file, m.position)? == m.tail_hash {
+            if tail_hash(file, m.position)? == m.tail_hash {
                 return Ok(Some(key.clone()));
             }
         }
