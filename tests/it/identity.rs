@@ -308,6 +308,14 @@ fn two_daemons_matching_one_existing_file_are_refused_naming_both() {
         "{stderr}"
     );
     assert_eq!(env.count("SELECT count(*) FROM pipeline_logs"), 0);
+    // check-config says the same.
+    let out = crate::support::pipewatch(&["--config", cfg.to_str().unwrap(), "check-config"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("daemons.first.logs") && stderr.contains("shared.jsonl"),
+        "{stderr}"
+    );
 }
 
 #[test]
