@@ -10,6 +10,8 @@
 //! starts (each ended by its PID). Run it with `cargo run --release --example bench`; see
 //! `benches/README.md` for the flags.
 
+mod common;
+
 use anyhow::{anyhow, bail, Context as _};
 use chrono::{DateTime, Duration as ChronoDuration, SecondsFormat, Utc};
 use clap::Parser;
@@ -24,7 +26,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 /// Sizes and durations; every flag has an environment variable for scripted runs.
@@ -438,63 +439,6 @@ impl ToSql for RawJsonb<'_> {
 // Processes and databases
 // ---------------------------------------------------------------------------------------------
 
-/// The release `pipewatch` next to this example (`target/release/examples/bench` →
-/// `target/release/pipewatch`), built first when cargo runs us.
-fn pipewatch_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locate the bench binary")?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected bench location {}", exe.display()))?;
-    let bin = dir.join("pipewatch");
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let mut cmd = Command::new(cargo);
-        // Built together with this example, so that both see the same features (the example
-        // unifies dev-dependency features) and neither build undoes the other.
-        cmd.args([
-            "build",
-            "--bin",
-            "pipewatch",
-            "--example",
-            "bench",
-            "--manifest-path",
-        ])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
-        if release {
-            cmd.arg("--release");
-        }
-        // `cargo run` sets these for us; a build script (ring's) watches CARGO_MANIFEST_DIR,
-        // so passing them on would make each build undo the other.
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k.starts_with("CARGO_PKG_")
-                || matches!(
-                    k.as_ref(),
-                    "CARGO_MANIFEST_DIR"
-                        | "CARGO_MANIFEST_PATH"
-                        | "CARGO_CRATE_NAME"
-                        | "CARGO_BIN_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                )
-            {
-                cmd.env_remove(&key);
-            }
-        }
-        let st = cmd.status().context("run cargo build --bin pipewatch")?;
-        if !st.success() {
-            bail!("cargo build --bin pipewatch failed");
-        }
-    }
-    if !bin.exists() {
-        bail!(
-            "{} not found: run `cargo build --release` first",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
 /// The benchmark's shared state: the cluster, the binary, the temp dir.
 struct Bench {
     cluster: Throwaway,
@@ -574,18 +518,8 @@ impl Bench {
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| format!("connect to {url}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
 async fn exec(url: &str, sql: &str) -> anyhow::Result<()> {
-    connect(url)
+    common::connect(url)
         .await?
         .batch_execute(sql)
         .await
@@ -593,7 +527,7 @@ async fn exec(url: &str, sql: &str) -> anyhow::Result<()> {
 }
 
 async fn query_i64(url: &str, sql: &str) -> anyhow::Result<i64> {
-    let row = connect(url)
+    let row = common::connect(url)
         .await?
         .query_one(sql, &[])
         .await
@@ -616,18 +550,6 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok((utime + stime) / tck)
-}
-
-/// A `Vm*` line of /proc/PID/status, in bytes.
-fn vm_bytes(pid: u32, key: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    for line in status.lines() {
-        if let Some(v) = line.strip_prefix(key).and_then(|v| v.strip_prefix(':')) {
-            let kb: u64 = v.trim().trim_end_matches("kB").trim().parse()?;
-            return Ok(kb * 1024);
-        }
-    }
-    bail!("{key} not in /proc/{pid}/status")
 }
 
 /// CPU seconds used by reaped children so far.
@@ -738,7 +660,7 @@ async fn once_run(
 /// One binary COPY of the pre-converted rows into a fresh database; only the COPY is timed.
 async fn copy_run(bench: &mut Bench, rows: &[CopyRow], source: &str) -> anyhow::Result<f64> {
     let (name, url) = bench.fresh_db("copy").await?;
-    let client = connect(&url).await?;
+    let client = common::connect(&url).await?;
     let t0 = Instant::now();
     let sink = client.copy_in(COPY_LOGS).await?;
     let writer = BinaryCopyInWriter::new(sink, &LOG_TYPES);
@@ -884,12 +806,12 @@ async fn steady_and_outage(bench: &mut Bench, opts: &Opts) -> anyhow::Result<Ste
     let t0 = Instant::now();
     let mut steady_rss_max = 0;
     while t0.elapsed() < Duration::from_secs(opts.steady_secs) {
-        steady_rss_max = steady_rss_max.max(vm_bytes(pid, "VmRSS")?);
+        steady_rss_max = steady_rss_max.max(common::vm_bytes(pid, "VmRSS")?);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let cpu1 = cpu_seconds(pid)?;
     let window = t0.elapsed().as_secs_f64();
-    let steady_hwm = vm_bytes(pid, "VmHWM")?;
+    let steady_hwm = common::vm_bytes(pid, "VmHWM")?;
     let steady_rows = written.load(Ordering::SeqCst);
     // Let the window's last lines commit (the writer keeps going) so that the outage does
     // not count in their latency.
@@ -917,7 +839,7 @@ async fn steady_and_outage(bench: &mut Bench, opts: &Opts) -> anyhow::Result<Ste
         bench.cluster.stop();
         let t1 = Instant::now();
         while t1.elapsed() < Duration::from_secs(opts.outage_secs) {
-            outage_rss_max = outage_rss_max.max(vm_bytes(pid, "VmRSS")?);
+            outage_rss_max = outage_rss_max.max(common::vm_bytes(pid, "VmRSS")?);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         bench.cluster.start()?;
@@ -935,7 +857,7 @@ async fn steady_and_outage(bench: &mut Bench, opts: &Opts) -> anyhow::Result<Ste
     let mut arrived;
     let deadline = Instant::now() + Duration::from_secs(opts.catchup_secs);
     loop {
-        outage_rss_max = outage_rss_max.max(vm_bytes(pid, "VmRSS").unwrap_or(0));
+        outage_rss_max = outage_rss_max.max(common::vm_bytes(pid, "VmRSS").unwrap_or(0));
         arrived = query_i64(
             &url,
             &format!("SELECT count(*) FROM pipeline_logs WHERE daemon = '{DAEMON}'"),
@@ -948,7 +870,7 @@ async fn steady_and_outage(bench: &mut Bench, opts: &Opts) -> anyhow::Result<Ste
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let catchup_secs = restarted.elapsed().as_secs_f64();
-    let outage_hwm = vm_bytes(pid, "VmHWM").unwrap_or(0);
+    let outage_hwm = common::vm_bytes(pid, "VmHWM").unwrap_or(0);
 
     // A clean stop, then the exactly-once check over everything written.
     let mut child = guard
@@ -956,7 +878,7 @@ async fn steady_and_outage(bench: &mut Bench, opts: &Opts) -> anyhow::Result<Ste
         .take()
         .ok_or_else(|| anyhow!("agent child missing"))?;
     let clean_exit = stop_child(&mut child, Duration::from_secs(20))?;
-    let client = connect(&url).await?;
+    let client = common::connect(&url).await?;
     let row = client
         .query_one(
             &format!(
@@ -1061,7 +983,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(opts: Opts) -> anyhow::Result<bool> {
     let started = Instant::now();
-    let bin = pipewatch_binary()?;
+    let bin = common::pipewatch_binary("bench")?;
     let tmp = tempfile::Builder::new()
         .prefix("pipewatch-bench-")
         .tempdir()

@@ -9,87 +9,16 @@
 //! It touches nothing but its own temp dir, its own cluster and the processes it starts
 //! (each ended by its PID). Run it with `cargo run --release --example memory_bench`.
 
-use anyhow::{anyhow, bail, Context as _};
+mod common;
+
+use anyhow::{bail, Context as _};
 use pipewatch::db::throwaway::Throwaway;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio_postgres::NoTls;
 
 const MIB: f64 = 1024.0 * 1024.0;
-
-/// The `pipewatch` binary next to this example, built first when run through cargo.
-fn pipewatch_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locate the bench binary")?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected bench location {}", exe.display()))?;
-    let bin = dir.join("pipewatch");
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut cmd = Command::new(cargo);
-        // Built together with this example so that both see the same features.
-        cmd.args([
-            "build",
-            "--bin",
-            "pipewatch",
-            "--example",
-            "memory_bench",
-            "--manifest-path",
-        ])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k.starts_with("CARGO_PKG_")
-                || matches!(
-                    k.as_ref(),
-                    "CARGO_MANIFEST_DIR"
-                        | "CARGO_MANIFEST_PATH"
-                        | "CARGO_CRATE_NAME"
-                        | "CARGO_BIN_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                )
-            {
-                cmd.env_remove(&key);
-            }
-        }
-        if !cmd.status().context("run cargo build")?.success() {
-            bail!("cargo build --bin pipewatch failed");
-        }
-    }
-    if !bin.exists() {
-        bail!(
-            "{} not found: run `cargo build --release` first",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| format!("connect to {url}"))?;
-    // The connection ends with an error when the cluster stops at the end: nothing to say.
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-/// A `Vm*` line of /proc/PID/status, in bytes.
-fn vm_bytes(pid: u32, key: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    for line in status.lines() {
-        if let Some(v) = line.strip_prefix(key).and_then(|v| v.strip_prefix(':')) {
-            let kb: u64 = v.trim().trim_end_matches("kB").trim().parse()?;
-            return Ok(kb * 1024);
-        }
-    }
-    bail!("{key} not in /proc/{pid}/status")
-}
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -136,7 +65,7 @@ impl Bench {
     ) -> anyhow::Result<Figures> {
         self.dbs += 1;
         let name = format!("memory_{}", self.dbs);
-        connect(&self.cluster.url("postgres"))
+        common::connect(&self.cluster.url("postgres"))
             .await?
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await?;
@@ -157,7 +86,7 @@ impl Bench {
             ),
         )?;
         let log = self.dir.join(format!("{label}.log"));
-        let locker = connect(&url).await?;
+        let locker = common::connect(&url).await?;
         if !stall.is_zero() {
             locker
                 .batch_execute("BEGIN; LOCK TABLE pipeline_logs IN ACCESS EXCLUSIVE MODE")
@@ -175,7 +104,7 @@ impl Bench {
             .context("start pipewatch run")?;
         let mut agent = Guard(child);
         let pid = agent.0.id();
-        let client = connect(&url).await?;
+        let client = common::connect(&url).await?;
         let mut max_fds = 0;
         if !stall.is_zero() {
             tokio::time::sleep(stall).await;
@@ -204,7 +133,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let seconds = t0.elapsed().as_secs_f64();
-        let peak_rss = vm_bytes(pid, "VmHWM")?;
+        let peak_rss = common::vm_bytes(pid, "VmHWM")?;
         // SAFETY: signalling the PID of a child we own and have not reaped.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         let st = agent.0.wait()?;
@@ -272,7 +201,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let bin = pipewatch_binary()?;
+    let bin = common::pipewatch_binary("memory_bench")?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().to_path_buf();
     let cluster = Throwaway::new()?;

@@ -12,14 +12,25 @@ pub const FINGERPRINT_BYTES: usize = 4096;
 /// How many bytes before a position [`tail_hash`] covers.
 pub const TAIL_BYTES: u64 = 64;
 
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
 /// FNV-1a, 64 bit: stable across builds and platforms, unlike std's hasher.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    bytes.iter().fold(FNV_OFFSET, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME)
+    })
+}
+
+/// [`fnv1a`] of every prefix of `bytes`: element `n` is the checksum of `bytes[..n]`.
+pub fn fnv1a_prefixes(bytes: &[u8]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(bytes.len() + 1);
+    out.push(FNV_OFFSET);
     for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+        let h = out[out.len() - 1];
+        out.push((h ^ u64::from(*b)).wrapping_mul(FNV_PRIME));
     }
-    h
+    out
 }
 
 /// The identity of a file: its first line (through the newline) or its first
@@ -118,11 +129,12 @@ pub fn compressed_name(path: &std::path::Path) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
-    fn file_with(bytes: &[u8]) -> (tempfile::NamedTempFile, File) {
+    /// A temp file holding `bytes`, and a handle to read it.
+    pub(crate) fn file_with(bytes: &[u8]) -> (tempfile::NamedTempFile, File) {
         let mut t = tempfile::NamedTempFile::new().unwrap();
         t.write_all(bytes).unwrap();
         t.flush().unwrap();
@@ -147,6 +159,16 @@ mod tests {
         let long = vec![b'x'; FINGERPRINT_BYTES + 10];
         let (_t, f) = file_with(&long);
         assert!(fingerprint(&f).unwrap().is_some());
+    }
+
+    #[test]
+    fn prefix_checksums_equal_the_checksum_of_each_prefix() {
+        let bytes = b"{\"a\":1}\nmore";
+        let p = fnv1a_prefixes(bytes);
+        assert_eq!(p.len(), bytes.len() + 1);
+        for n in 0..=bytes.len() {
+            assert_eq!(p[n], fnv1a(&bytes[..n]));
+        }
     }
 
     #[test]

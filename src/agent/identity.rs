@@ -18,7 +18,7 @@
 //!
 //! Reads only with positioned reads (`read_at`); never moves a file's cursor.
 
-use crate::agent::fingerprint::{hash_tail_bytes, tail_hash, TAIL_BYTES};
+use crate::agent::fingerprint::{fnv1a_prefixes, hash_tail_bytes, tail_hash, TAIL_BYTES};
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -166,8 +166,6 @@ impl Anchors {
 pub struct Orphan {
     pub mark: Mark,
     pub since: Instant,
-    /// The file's inode is gone from the watched paths (rather than truncated in place).
-    pub vanished: bool,
     /// The head bytes and recent line ends of a lineage that was being read when it ended.
     pub head: Option<Vec<u8>>,
     pub anchors: Anchors,
@@ -207,7 +205,6 @@ impl Catalog {
                 c.push_orphan(Orphan {
                     mark: m,
                     since: Instant::now(),
-                    vanished: true,
                     head: None,
                     anchors: Anchors::default(),
                 });
@@ -230,15 +227,6 @@ impl Catalog {
     /// Whether a position of this inode is known.
     pub fn knows(&self, dev: u64, ino: u64) -> bool {
         self.by_inode.contains_key(&(dev, ino))
-    }
-
-    pub fn get(&self, key: &str) -> Option<&Mark> {
-        self.marks.get(key)
-    }
-
-    /// Number of marks and orphans held (for memory bounds).
-    pub fn len(&self) -> (usize, usize) {
-        (self.marks.len(), self.orphans.len())
     }
 
     /// Finds where to resume `file` (inode `dev`/`ino`, length `len`), which is not being read.
@@ -273,7 +261,6 @@ impl Catalog {
                 self.push_orphan(Orphan {
                     mark: m,
                     since: Instant::now(),
-                    vanished: false,
                     head: None,
                     anchors: Anchors::default(),
                 });
@@ -383,7 +370,6 @@ impl Catalog {
                 self.push_orphan(Orphan {
                     mark,
                     since: Instant::now(),
-                    vanished: false,
                     head: None,
                     anchors: Anchors::default(),
                 });
@@ -401,15 +387,8 @@ impl Catalog {
         inode: (u64, u64),
     ) -> std::io::Result<Option<String>> {
         let first_line_end = head.iter().position(|b| *b == b'\n').map(|i| i as u64 + 1);
-        // The head checksum of every prefix, in one pass (FNV-1a extends byte by byte).
-        let mut prefix = Vec::with_capacity(head.len() + 1);
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        prefix.push(h);
-        for b in head {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-            prefix.push(h);
-        }
+        // The head checksum of every prefix, in one pass.
+        let prefix = fnv1a_prefixes(head);
         for (key, m) in &self.marks {
             let Some(want) = &m.head_hash else { continue };
             if m.position > len
@@ -448,7 +427,6 @@ impl Catalog {
         self.push_orphan(Orphan {
             mark,
             since: Instant::now(),
-            vanished: false,
             head: Some(head),
             anchors,
         });
@@ -469,7 +447,6 @@ impl Catalog {
                     self.push_orphan(Orphan {
                         mark,
                         since: Instant::now(),
-                        vanished: true,
                         head: None,
                         anchors: Anchors::default(),
                     });
@@ -498,13 +475,11 @@ pub fn content_moved(
         return Ok(false);
     }
     let mut buf = vec![0u8; k];
-    let mut filled = 0;
-    while filled < k {
-        let r = file.read_at(&mut buf[filled..], read_pos - k as u64 + filled as u64)?;
-        if r == 0 {
-            return Ok(true);
-        }
-        filled += r;
+    match file.read_exact_at(&mut buf, read_pos - k as u64) {
+        Ok(()) => {}
+        // Shorter than the read position: truncated.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(true),
+        Err(e) => return Err(e),
     }
     Ok(buf[..] != carry[carry.len() - k..])
 }
@@ -513,15 +488,7 @@ pub fn content_moved(
 mod tests {
     use super::*;
     use crate::agent::fingerprint::fnv1a;
-    use std::io::Write;
-
-    fn file_with(bytes: &[u8]) -> (tempfile::NamedTempFile, File) {
-        let mut t = tempfile::NamedTempFile::new().unwrap();
-        t.write_all(bytes).unwrap();
-        t.flush().unwrap();
-        let f = File::open(t.path()).unwrap();
-        (t, f)
-    }
+    use crate::agent::fingerprint::tests::file_with;
 
     fn mark_at(key: &str, content: &[u8], position: u64) -> Mark {
         let start = position.saturating_sub(TAIL_BYTES) as usize;
