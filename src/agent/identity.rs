@@ -465,23 +465,33 @@ pub fn content_moved(
     head: &[u8],
     carry: &[u8],
 ) -> std::io::Result<bool> {
-    let n = (read_pos as usize).min(head.len());
-    let now = read_head(file, n)?;
-    if now[..] != head[..n] {
+    // Called on every read: stack buffers, no allocation (a heap buffer of this size made
+    // glibc consolidate its free lists on every call).
+    let n = (read_pos as usize).min(head.len()).min(HEAD_BYTES);
+    let mut now = [0u8; HEAD_BYTES];
+    let mut filled = 0;
+    while filled < n {
+        let k = file.read_at(&mut now[filled..n], filled as u64)?;
+        if k == 0 {
+            break;
+        }
+        filled += k;
+    }
+    if now[..filled] != head[..n] {
         return Ok(true);
     }
     let k = (carry.len() as u64).min(read_pos).min(TAIL_BYTES) as usize;
     if k == 0 {
         return Ok(false);
     }
-    let mut buf = vec![0u8; k];
-    match file.read_exact_at(&mut buf, read_pos - k as u64) {
+    let mut buf = [0u8; TAIL_BYTES as usize];
+    match file.read_exact_at(&mut buf[..k], read_pos - k as u64) {
         Ok(()) => {}
         // Shorter than the read position: truncated.
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(true),
         Err(e) => return Err(e),
     }
-    Ok(buf[..] != carry[carry.len() - k..])
+    Ok(buf[..k] != carry[carry.len() - k..])
 }
 
 #[cfg(test)]

@@ -388,16 +388,27 @@ fn sample_loop(
         return;
     }
     loop {
+        // Asleep until the next sample is due (no wake-up in between): a reload wakes it,
+        // and so does the stop, since the supervisor then drops the reload sender.
         let now = std::time::Instant::now();
-        let wait = watcher.next_due(now).min(Duration::from_millis(250));
+        let wait = watcher.next_due(now);
         if !wait.is_zero() {
-            std::thread::sleep(wait);
+            match reload.recv_timeout(wait) {
+                Ok(daemons) => {
+                    watcher = metrics::Watcher::new(host.clone(), daemons, activity.clone());
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    std::thread::sleep(wait.min(Duration::from_millis(250)));
+                }
+            }
         }
         if stop.is_cancelled() {
             return;
-        }
-        if let Ok(daemons) = reload.try_recv() {
-            watcher = metrics::Watcher::new(host.clone(), daemons, activity.clone());
         }
         let now = std::time::Instant::now();
         if watcher.next_due(now).is_zero() && !send(watcher.tick(now)) {

@@ -152,9 +152,10 @@ impl Supervisor {
         if let Ok(mut w) = self.wakers.lock() {
             w.insert(daemon.name.clone(), wake_tx);
         }
-        if let Some(watcher) = &mut self.watcher {
-            watch_globs(watcher, &daemon.logs);
-        }
+        let watched = match &mut self.watcher {
+            Some(watcher) => watch_globs(watcher, &daemon.logs),
+            None => false,
+        };
         let stop = self.stop.child_token();
         let earlier = self
             .order
@@ -176,6 +177,7 @@ impl Supervisor {
             activity: self.activity.clone(),
             stop: stop.clone(),
             wake: wake_rx,
+            watched,
         };
         let name = daemon.name.clone();
         self.next_id += 1;
@@ -620,8 +622,10 @@ fn make_watcher(
     .ok()
 }
 
-fn watch_globs(watcher: &mut notify::RecommendedWatcher, globs: &[String]) {
+/// Watches the directories of `globs`; whether every one of them is watched.
+fn watch_globs(watcher: &mut notify::RecommendedWatcher, globs: &[String]) -> bool {
     use notify::{RecursiveMode, Watcher};
+    let mut all = true;
     for pattern in globs {
         let (dir, recursive) = glob_root(pattern);
         let mode = if recursive {
@@ -631,8 +635,10 @@ fn watch_globs(watcher: &mut notify::RecommendedWatcher, globs: &[String]) {
         };
         if let Err(error) = watcher.watch(&dir, mode) {
             tracing::debug!(dir = %dir.display(), %error, "cannot watch directory; polling it");
+            all = false;
         }
     }
+    all
 }
 
 /// The deepest directory of a glob without wildcards, and whether wildcards span directories.

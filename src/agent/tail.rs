@@ -37,6 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 /// How often globs are expanded and files checked when no notify event arrives.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// The longest poll interval of a reader whose directories are watched, reached by doubling
+/// [`POLL_INTERVAL`] while nothing changes: notify wakes it for new data; the poll is the
+/// safety net for events that were missed.
+pub const IDLE_POLL_MAX: Duration = Duration::from_secs(2);
 /// How long a file that was renamed away or deleted is kept open after its last growth.
 pub const ROTATED_GRACE: Duration = Duration::from_secs(2);
 /// How long an idle file at EOF stays open before it is let go (reopened when it grows).
@@ -91,6 +95,9 @@ pub struct ReaderSetup {
     pub stop: CancellationToken,
     /// Notify hints (any message means "look now").
     pub wake: std::sync::mpsc::Receiver<Hint>,
+    /// Every directory of the daemon's globs is watched: hints arrive, so the poll may back
+    /// off to [`IDLE_POLL_MAX`] while idle (otherwise it stays at [`POLL_INTERVAL`]).
+    pub watched: bool,
 }
 
 /// Why discovery skips a path until it changes.
@@ -177,6 +184,17 @@ pub struct Reader {
     records: Vec<(Record, u64)>,
 }
 
+/// What one read of a file found.
+#[derive(Debug, PartialEq)]
+enum ReadOutcome {
+    /// Nothing new (at EOF).
+    Nothing,
+    /// Bytes, fewer than asked for: the file's end was reached.
+    CaughtUp,
+    /// A full buffer, or a file let go: read again right away.
+    More,
+}
+
 /// Why a reader stopped sending.
 #[derive(Debug, PartialEq)]
 enum Flow {
@@ -217,11 +235,14 @@ impl Reader {
         tracing::debug!(daemon = %name, "reader started");
         self.discover(true);
         let mut last_discover = Instant::now();
+        let mut idle_poll = POLL_INTERVAL;
         loop {
             if self.setup.stop.is_cancelled() {
                 break;
             }
             let mut progressed = false;
+            // Bytes were read but every read was short: caught up for now.
+            let mut got_data = false;
             let order = self.read_order();
             let tracked = self.files.len();
             for i in order {
@@ -230,11 +251,15 @@ impl Reader {
                     break;
                 }
                 match self.read_some(i) {
-                    Ok(true) => progressed = true,
-                    Ok(false) => {}
+                    Ok(ReadOutcome::More) => progressed = true,
+                    Ok(ReadOutcome::CaughtUp) => got_data = true,
+                    Ok(ReadOutcome::Nothing) => {}
                     Err(Flow::Closed) => return,
                     Err(Flow::Continue) => {}
                 }
+            }
+            if self.setup.once {
+                progressed |= got_data;
             }
             if self.setup.once {
                 if !progressed {
@@ -255,13 +280,28 @@ impl Reader {
             }
             self.let_go();
             let mut names_changed = false;
-            if !progressed {
+            if got_data && !progressed {
+                // Data is flowing and every file is caught up: read again after the debounce,
+                // without waiting for a hint (one wake-up per debounce while a file is
+                // written steadily, however many writes and notify events there are).
+                idle_poll = POLL_INTERVAL;
+                std::thread::sleep(wake_debounce(self.setup.max_wait));
+            } else if !progressed {
                 // Idle: wait for a hint or the poll interval. A hint usually means a write
                 // has begun; waiting a moment lets a burst of writes be read at once, which
                 // keeps a steadily written file from costing a wake-up per line.
-                if let Ok(hint) = self.setup.wake.recv_timeout(POLL_INTERVAL) {
-                    names_changed = hint == Hint::Names;
-                    std::thread::sleep(wake_debounce(self.setup.max_wait));
+                match self.setup.wake.recv_timeout(idle_poll) {
+                    Ok(hint) => {
+                        names_changed = hint == Hint::Names;
+                        idle_poll = POLL_INTERVAL;
+                        std::thread::sleep(wake_debounce(self.setup.max_wait));
+                    }
+                    // Nothing happened for a whole interval: a watched reader polls less
+                    // often (notify still wakes it at once).
+                    Err(_) if self.setup.watched => {
+                        idle_poll = (idle_poll * 2).min(IDLE_POLL_MAX);
+                    }
+                    Err(_) => {}
                 }
             }
             while let Ok(hint) = self.setup.wake.try_recv() {
@@ -269,7 +309,7 @@ impl Reader {
             }
             // New files are looked for when names change (a file created or rotated), and
             // otherwise once per poll interval, the safety net for missed events.
-            if names_changed || last_discover.elapsed() >= POLL_INTERVAL {
+            if names_changed || last_discover.elapsed() >= idle_poll {
                 if self.waiting_for_slot > 0 {
                     self.let_go_finished();
                 }
@@ -743,8 +783,8 @@ impl Reader {
         let _ = self.setup.tx.blocking_send(Item::Chunk(chunk));
     }
 
-    /// Reads one buffer from file `i`; `Ok(true)` when bytes were read.
-    fn read_some(&mut self, i: usize) -> Result<bool, Flow> {
+    /// Reads one buffer from file `i`.
+    fn read_some(&mut self, i: usize) -> Result<ReadOutcome, Flow> {
         let t = &mut self.files[i];
         let n = match t.file.read(&mut self.buf) {
             Ok(n) => n,
@@ -766,8 +806,8 @@ impl Reader {
             if len < t.read_pos {
                 return self.replaced(i);
             }
-            self.note_lag(i);
-            return Ok(false);
+            self.note_lag(i, len);
+            return Ok(ReadOutcome::Nothing);
         }
         // The file may have been truncated and rewritten past our offset since the last read
         // (copytruncate, or a daemon reopening it with O_TRUNC): then what we just read belongs
@@ -830,34 +870,48 @@ impl Reader {
         let excess = carry.len().saturating_sub(TAIL_BYTES as usize);
         carry.drain(..excess);
         t.carry = carry;
-        self.note_lag(i);
         if flow == Flow::Closed {
             return Err(Flow::Closed);
         }
-        Ok(true)
+        if n < self.buf.len() {
+            // A short read of a regular file ends at its end: its size is the read position
+            // (no stat needed).
+            let len = self.files[i].read_pos;
+            self.note_lag(i, len);
+            return Ok(ReadOutcome::CaughtUp);
+        }
+        let len = self.files[i].file.metadata().map(|m| m.len()).unwrap_or(0);
+        self.note_lag(i, len);
+        Ok(ReadOutcome::More)
     }
 
     /// File `i` was truncated or replaced under its handle: hand over what it holds, let it go,
     /// and let discovery pick the path up again as a new file.
-    fn replaced(&mut self, i: usize) -> Result<bool, Flow> {
+    fn replaced(&mut self, i: usize) -> Result<ReadOutcome, Flow> {
         tracing::info!(path = %self.files[i].source, "file truncated or rewritten (copytruncate?); reading it again from the start");
         match self.truncated(i) {
             Flow::Closed => Err(Flow::Closed),
-            Flow::Continue => Ok(true),
+            Flow::Continue => Ok(ReadOutcome::More),
         }
     }
 
-    fn note_lag(&self, i: usize) {
+    /// Tells the shared activity how far behind file `i` (now `len` bytes long) is.
+    fn note_lag(&self, i: usize, len: u64) {
         let t = &self.files[i];
-        let len = t.file.metadata().map(|m| m.len()).unwrap_or(0);
         if let Ok(mut a) = self.setup.activity.lock() {
-            let e = a
-                .files
-                .entry(t.source.clone())
-                .or_insert_with(|| FileActivity {
-                    daemon: self.setup.daemon.name.clone(),
-                    ..FileActivity::default()
-                });
+            // Looked up by reference first: no key allocated on every read.
+            if !a.files.contains_key(&t.source) {
+                a.files.insert(
+                    t.source.clone(),
+                    FileActivity {
+                        daemon: self.setup.daemon.name.clone(),
+                        ..FileActivity::default()
+                    },
+                );
+            }
+            let Some(e) = a.files.get_mut(&t.source) else {
+                return;
+            };
             e.size = len;
             e.lag_bytes = len.saturating_sub(e.committed);
         }
