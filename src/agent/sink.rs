@@ -24,7 +24,7 @@ use futures_util::{pin_mut, SinkExt};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
@@ -679,6 +679,16 @@ impl Sink {
         batch_id: Uuid,
         isolate: bool,
     ) -> Result<Written, Failure> {
+        if !isolate {
+            let result = self.write_pipelined(batch, batch_id).await;
+            if result.is_err() {
+                // The transaction may be open (or aborted) on this connection: drop it, the
+                // server rolls back; the next attempt connects again and finds out in its own
+                // transaction whether this one committed.
+                self.disconnect();
+            }
+            return result;
+        }
         let agent_id = self.agent_id.clone();
         let host = self.host.clone();
         let daemons = self.daemons.clone();
@@ -695,56 +705,206 @@ impl Sink {
             return Ok(Written::Before);
         }
         let mut quarantined = Vec::new();
-        if isolate {
-            isolate_logs(&tx, &batch.logs, &mut quarantined).await?;
-        } else {
-            copy_logs(&tx, &batch.logs).await?;
-        }
+        isolate_logs(&tx, &batch.logs, &mut quarantined).await?;
         let mut events: Vec<EventRow> = batch.events.clone();
         for (row, reason) in &quarantined {
             events.push(quarantine_event(row, reason));
         }
-        if isolate {
+        {
             for e in &events {
                 tx.batch_execute("SAVEPOINT pw_row").await?;
-                let r = insert_events(&tx, std::slice::from_ref(e)).await;
+                let r = insert_events(tx.client(), std::slice::from_ref(e)).await;
                 finish_savepoint(&tx, r, "event").await?;
             }
             for m in &batch.metrics {
                 tx.batch_execute("SAVEPOINT pw_row").await?;
-                let r = insert_metrics(&tx, std::slice::from_ref(m)).await;
+                let r = insert_metrics(tx.client(), std::slice::from_ref(m)).await;
                 finish_savepoint(&tx, r, "metric").await?;
             }
             for p in collapse_progress(&batch.progress) {
                 tx.batch_execute("SAVEPOINT pw_row").await?;
-                let r = upsert_progress(&tx, std::slice::from_ref(&p)).await;
+                let r = upsert_progress(tx.client(), std::slice::from_ref(&p)).await;
                 finish_savepoint(&tx, r, "progress").await?;
             }
-        } else {
-            insert_events(&tx, &events).await?;
-            insert_metrics(&tx, &batch.metrics).await?;
-            upsert_progress(&tx, &collapse_progress(&batch.progress)).await?;
         }
-        upsert_checkpoints(&tx, &host, &batch.checkpoints).await?;
-        let version = env!("CARGO_PKG_VERSION");
-        tx.execute_typed(
-            UPSERT_AGENT,
-            &[
-                (&agent_id, Type::TEXT),
-                (&host, Type::TEXT),
-                (&daemons, Type::TEXT_ARRAY),
-                (&version, Type::TEXT),
-                (&started_at, Type::TIMESTAMPTZ),
-                (&batch_id, Type::UUID),
-                (&(batch.logs.len() as i64), Type::INT8),
-                (&(quarantined.len() as i64), Type::INT8),
-                (&details, Type::JSONB),
-            ],
+        upsert_checkpoints(tx.client(), &host, &batch.checkpoints).await?;
+        let row = AgentRow {
+            agent_id: &agent_id,
+            host: &host,
+            daemons: &daemons,
+            started_at,
+            details: &details,
+        };
+        upsert_agent(
+            tx.client(),
+            &row,
+            batch_id,
+            batch.logs.len(),
+            quarantined.len(),
         )
         .await?;
         tx.commit().await?;
         Ok(Written::Now(quarantined.len()))
     }
+
+    /// One attempt without isolation, pipelined on the connection: three round trips a batch
+    /// however many statements it has. (1) `BEGIN` with the transaction's settings, the
+    /// agent's row locked (the lost-reply check) and the COPY statement prepared, sent
+    /// together; (2) the COPY starts; (3) its rows, then events, metrics, progress, positions,
+    /// the agent's row and `COMMIT`, sent together.
+    ///
+    /// Exact: the server runs them in order in one transaction; a statement that fails aborts
+    /// the transaction, so every statement after it fails too (its error is returned, nothing
+    /// is committed: `COMMIT` of an aborted transaction rolls back), and the agent's row,
+    /// updated last before `COMMIT`, fails whenever anything before it did. The COPY
+    /// statement is closed before `COMMIT` (pooler-safe). On an error the caller drops the
+    /// connection.
+    async fn write_pipelined(&mut self, batch: &Batch, batch_id: Uuid) -> Result<Written, Failure> {
+        let agent_id = self.agent_id.clone();
+        let host = self.host.clone();
+        let daemons = self.daemons.clone();
+        let details = self.agent_details();
+        let row = AgentRow {
+            agent_id: &agent_id,
+            host: &host,
+            daemons: &daemons,
+            started_at: self.started_at,
+            details: &details,
+        };
+        let begin = format!(
+            "BEGIN; {}",
+            transaction_settings(self.target.limits.query_timeout)
+        );
+        let client = self.client().await?;
+        let id: [(&(dyn ToSql + Sync), Type); 1] = [(&agent_id, Type::TEXT)];
+        let with_logs = !batch.logs.is_empty();
+        let prepare_copy = async {
+            if with_logs {
+                client
+                    .prepare_typed(copyrow::COPY_STATEMENT, &[])
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        // Round trip 1. `try_join!` polls in order, and each request is sent on its first
+        // poll: the server sees BEGIN, the lock, then the PREPARE.
+        let (_, locked, statement) = futures_util::try_join!(
+            client.batch_execute(&begin),
+            client.query_typed_opt(LOCK_AGENT, &id),
+            prepare_copy
+        )
+        .map_err(busy)?;
+        let last = match locked {
+            Some(r) => r.try_get::<_, Option<Uuid>>(0)?,
+            // The very first commit of this agent: create its row, then lock it.
+            None => {
+                client
+                    .execute_typed(
+                        CREATE_AGENT,
+                        &[
+                            (&agent_id, Type::TEXT),
+                            (&host, Type::TEXT),
+                            (&daemons, Type::TEXT_ARRAY),
+                        ],
+                    )
+                    .await
+                    .map_err(busy)?;
+                match client
+                    .query_typed_opt(LOCK_AGENT, &id)
+                    .await
+                    .map_err(busy)?
+                {
+                    Some(r) => r.try_get::<_, Option<Uuid>>(0)?,
+                    None => None,
+                }
+            }
+        };
+        if last == Some(batch_id) {
+            drop(statement);
+            client.batch_execute("ROLLBACK").await?;
+            return Ok(Written::Before);
+        }
+        // Round trip 2: the COPY starts. The statement is dropped right after, which queues
+        // its Close behind the COPY data and before everything below.
+        let sink = match statement {
+            Some(statement) => {
+                let sink = client.copy_in::<_, Bytes>(&statement).await?;
+                drop(statement);
+                Some(sink)
+            }
+            None => None,
+        };
+        let copy = async {
+            match sink {
+                Some(sink) => stream_rows(sink, &batch.logs).await,
+                None => Ok(()),
+            }
+        };
+        let progress = collapse_progress(&batch.progress);
+        // Round trip 3.
+        futures_util::try_join!(
+            copy,
+            insert_events(client, &batch.events),
+            insert_metrics(client, &batch.metrics),
+            upsert_progress(client, &progress),
+            upsert_checkpoints(client, &host, &batch.checkpoints),
+            upsert_agent(client, &row, batch_id, batch.logs.len(), 0),
+            client.batch_execute("COMMIT"),
+        )?;
+        Ok(Written::Now(0))
+    }
+}
+
+/// The agent's own row, as each commit writes it.
+struct AgentRow<'a> {
+    agent_id: &'a str,
+    host: &'a str,
+    daemons: &'a [String],
+    started_at: DateTime<Utc>,
+    details: &'a Value,
+}
+
+/// Records the batch in the agent's row: `last_batch_id` (the lost-reply check) and counters.
+async fn upsert_agent(
+    client: &Client,
+    a: &AgentRow<'_>,
+    batch_id: Uuid,
+    rows: usize,
+    quarantined: usize,
+) -> Result<(), tokio_postgres::Error> {
+    let version = env!("CARGO_PKG_VERSION");
+    client
+        .execute_typed(
+            UPSERT_AGENT,
+            &[
+                (&a.agent_id, Type::TEXT),
+                (&a.host, Type::TEXT),
+                (&a.daemons, Type::TEXT_ARRAY),
+                (&version, Type::TEXT),
+                (&a.started_at, Type::TIMESTAMPTZ),
+                (&batch_id, Type::UUID),
+                (&(rows as i64), Type::INT8),
+                (&(quarantined as i64), Type::INT8),
+                (&a.details, Type::JSONB),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Adds who may hold the agent's row to a lock timeout.
+fn busy(e: tokio_postgres::Error) -> Failure {
+    let mut f = Failure::from(e);
+    if f.text.starts_with("55P03") {
+        f.text.push_str(
+            " — another session holds this agent's row: the transaction of a lost connection \
+             (the server ends it within query_timeout) or a second agent with the same host \
+             and daemons",
+        );
+    }
+    f
 }
 
 /// Locks the agent's row (creating it on the very first commit) and returns its
@@ -755,17 +915,6 @@ async fn lock_agent(
     host: &str,
     daemons: &[String],
 ) -> Result<Option<Uuid>, Failure> {
-    let busy = |e: tokio_postgres::Error| {
-        let mut f = Failure::from(e);
-        if f.text.starts_with("55P03") {
-            f.text.push_str(
-                " — another session holds this agent's row: the transaction of a lost connection \
-                 (the server ends it within query_timeout) or a second agent with the same host \
-                 and daemons",
-            );
-        }
-        f
-    };
     let id: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] = [(&agent_id, Type::TEXT)];
     let mut row = tx.query_typed_opt(LOCK_AGENT, &id).await.map_err(busy)?;
     if row.is_none() {
@@ -801,17 +950,26 @@ fn schema_hint(text: &str) -> String {
 /// Bytes sent to the server per COPY message.
 const COPY_CHUNK: usize = 256 * 1024;
 
-/// Streams already encoded rows with one binary COPY.
-///
-/// `copy_in` needs a named prepared statement; it is prepared inside the caller's transaction
-/// and dropped when `copy_in` returns, which queues its Close behind the COPY data and before
-/// anything else the transaction sends (COMMIT included): it never outlives the transaction,
-/// so a pooler in transaction mode cannot hand it to another client.
+/// Streams already encoded rows with one binary COPY (its statement prepared and closed
+/// inside the transaction).
 async fn copy_logs(tx: &Transaction<'_>, rows: &[EncodedRow]) -> Result<(), tokio_postgres::Error> {
     if rows.is_empty() {
         return Ok(());
     }
     let sink = tx.copy_in::<_, Bytes>(copyrow::COPY_STATEMENT).await?;
+    stream_rows(sink, rows).await
+}
+
+/// Streams already encoded rows into a started binary COPY and ends it.
+///
+/// `copy_in` needs a named prepared statement; the caller prepares it inside its transaction
+/// and drops it as soon as `copy_in` returned, which queues its Close behind the COPY data and
+/// before anything else the transaction sends (COMMIT included): it never outlives the
+/// transaction, so a pooler in transaction mode cannot hand it to another client.
+async fn stream_rows(
+    sink: tokio_postgres::CopyInSink<Bytes>,
+    rows: &[EncodedRow],
+) -> Result<(), tokio_postgres::Error> {
     pin_mut!(sink);
     let mut buf = BytesMut::with_capacity(COPY_CHUNK + 4096);
     buf.extend_from_slice(copyrow::HEADER);
@@ -984,10 +1142,7 @@ fn quarantine_event(row: &LogRow, reason: &str) -> EventRow {
     }
 }
 
-async fn insert_events(
-    tx: &Transaction<'_>,
-    rows: &[EventRow],
-) -> Result<(), tokio_postgres::Error> {
+async fn insert_events(tx: &Client, rows: &[EventRow]) -> Result<(), tokio_postgres::Error> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -1018,10 +1173,7 @@ async fn insert_events(
     Ok(())
 }
 
-async fn insert_metrics(
-    tx: &Transaction<'_>,
-    rows: &[MetricRow],
-) -> Result<(), tokio_postgres::Error> {
+async fn insert_metrics(tx: &Client, rows: &[MetricRow]) -> Result<(), tokio_postgres::Error> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -1110,10 +1262,7 @@ pub fn collapse_progress(rows: &[ProgressRow]) -> Vec<Upsert> {
     out.into_iter().flatten().collect()
 }
 
-async fn upsert_progress(
-    tx: &Transaction<'_>,
-    rows: &[Upsert],
-) -> Result<(), tokio_postgres::Error> {
+async fn upsert_progress(tx: &Client, rows: &[Upsert]) -> Result<(), tokio_postgres::Error> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -1148,7 +1297,7 @@ async fn upsert_progress(
 }
 
 async fn upsert_checkpoints(
-    tx: &Transaction<'_>,
+    tx: &Client,
     host: &str,
     cps: &[Checkpoint],
 ) -> Result<(), tokio_postgres::Error> {

@@ -95,7 +95,7 @@ pub struct Supervisor {
     /// `agent_error` events not sent yet.
     pending_events: Vec<EventRow>,
     /// Notify hints go to every reader's waker.
-    wakers: Arc<Mutex<BTreeMap<String, std::sync::mpsc::Sender<Hint>>>>,
+    wakers: Arc<Mutex<BTreeMap<String, Waker>>>,
     watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -112,8 +112,7 @@ impl Supervisor {
         stop: CancellationToken,
     ) -> (Supervisor, mpsc::UnboundedReceiver<ReaderExit>) {
         let (exits, exits_rx) = mpsc::unbounded_channel();
-        let wakers: Arc<Mutex<BTreeMap<String, std::sync::mpsc::Sender<Hint>>>> =
-            Arc::new(Mutex::new(BTreeMap::new()));
+        let wakers: Arc<Mutex<BTreeMap<String, Waker>>> = Arc::new(Mutex::new(BTreeMap::new()));
         let watcher = if once {
             None
         } else {
@@ -150,7 +149,8 @@ impl Supervisor {
         }
         let (wake_tx, wake_rx) = std::sync::mpsc::channel();
         if let Ok(mut w) = self.wakers.lock() {
-            w.insert(daemon.name.clone(), wake_tx);
+            let roots = daemon.logs.iter().map(|g| glob_root(g).0).collect();
+            w.insert(daemon.name.clone(), Waker { tx: wake_tx, roots });
         }
         let watched = match &mut self.watcher {
             Some(watcher) => watch_globs(watcher, &daemon.logs),
@@ -420,7 +420,7 @@ impl Supervisor {
             r.stop.cancel();
             if let Ok(mut w) = self.wakers.lock() {
                 if let Some(waker) = w.remove(name) {
-                    let _ = waker.send(Hint::Names);
+                    let _ = waker.tx.send(Hint::Names);
                 }
             }
             if let Err(error) = tokio::task::spawn_blocking(move || r.thread.join()).await {
@@ -600,21 +600,39 @@ fn open_files_budget(configured: usize) -> usize {
     configured.min(usable)
 }
 
-/// A watcher that wakes every reader on any event (a hint only), saying whether names
-/// changed (a file created, renamed or removed) or only contents.
-fn make_watcher(
-    wakers: Arc<Mutex<BTreeMap<String, std::sync::mpsc::Sender<Hint>>>>,
-) -> Option<notify::RecommendedWatcher> {
+/// Where a reader's hints go, and the directories its globs start from.
+struct Waker {
+    tx: std::sync::mpsc::Sender<Hint>,
+    roots: Vec<std::path::PathBuf>,
+}
+
+impl Waker {
+    /// Whether an event on `paths` may concern this reader (an event without paths may
+    /// concern anyone).
+    fn concerned(&self, paths: &[std::path::PathBuf]) -> bool {
+        paths.is_empty()
+            || paths
+                .iter()
+                .any(|p| self.roots.iter().any(|r| p.starts_with(r)))
+    }
+}
+
+/// A watcher that wakes the readers whose directories an event is in (a hint only), saying
+/// whether names changed (a file created, renamed or removed) or only contents.
+fn make_watcher(wakers: Arc<Mutex<BTreeMap<String, Waker>>>) -> Option<notify::RecommendedWatcher> {
     use notify::event::{EventKind, ModifyKind};
     notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let hint = match res.map(|e| e.kind) {
-            Ok(EventKind::Modify(ModifyKind::Data(_))) => Hint::Data,
-            Ok(EventKind::Access(_)) => return,
-            _ => Hint::Names,
+        let (hint, paths) = match res {
+            Ok(e) => match e.kind {
+                EventKind::Modify(ModifyKind::Data(_)) => (Hint::Data, e.paths),
+                EventKind::Access(_) => return,
+                _ => (Hint::Names, e.paths),
+            },
+            Err(_) => (Hint::Names, Vec::new()),
         };
         if let Ok(w) = wakers.lock() {
-            for waker in w.values() {
-                let _ = waker.send(hint);
+            for waker in w.values().filter(|w| w.concerned(&paths)) {
+                let _ = waker.tx.send(hint);
             }
         }
     })
@@ -671,6 +689,23 @@ mod tests {
             .collect();
         assert_eq!(secs, vec![1, 2, 4, 32, 60, 60, 60, 60]);
         assert_eq!(restart_delay(0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_hint_goes_to_the_readers_whose_directories_it_is_in() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let w = super::Waker {
+            tx,
+            roots: vec![
+                glob_root("/var/log/geo/*.jsonl").0,
+                glob_root("/data/*/logs/*.log").0,
+            ],
+        };
+        assert!(w.concerned(&[PathBuf::from("/var/log/geo/a.jsonl")]));
+        assert!(w.concerned(&[PathBuf::from("/data/x/logs/b.log")]));
+        assert!(!w.concerned(&[PathBuf::from("/var/log/other/a.jsonl")]));
+        assert!(!w.concerned(&[PathBuf::from("/var/log/geology/a.jsonl")]));
+        assert!(w.concerned(&[]));
     }
 
     #[test]

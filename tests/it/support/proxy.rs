@@ -207,6 +207,22 @@ fn is_commit(kind: u8, body: &[u8]) -> bool {
             .unwrap_or(false)
 }
 
+/// Where the reply to a COMMIT starts in `bytes`: its CommandComplete, tagged `COMMIT` (or
+/// `ROLLBACK` when the transaction had failed).
+fn commit_reply(bytes: &[u8]) -> Option<usize> {
+    let complete = |tag: &[u8]| {
+        let mut m = vec![b'C'];
+        m.extend_from_slice(&(4 + tag.len() as u32 + 1).to_be_bytes());
+        m.extend_from_slice(tag);
+        m.push(0);
+        m
+    };
+    [complete(b"COMMIT"), complete(b"ROLLBACK")]
+        .iter()
+        .filter_map(|m| bytes.windows(m.len()).position(|w| w == m.as_slice()))
+        .min()
+}
+
 /// Waits, forwarding nothing, until the proxy stops.
 fn park(shared: &Shared) {
     while !shared.stop.load(Ordering::SeqCst) {
@@ -340,6 +356,8 @@ fn server_to_client(
     link: Arc<Link>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
+    // After a cut COMMIT: the server's bytes until the COMMIT's reply.
+    let mut held: Vec<u8> = Vec::new();
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return;
@@ -363,10 +381,17 @@ fn server_to_client(
             return park(&shared);
         }
         if link.cut.load(Ordering::SeqCst) {
-            // The COMMIT's reply: never delivered. Both sides are closed.
-            let _ = client.shutdown(Shutdown::Both);
-            let _ = server.shutdown(Shutdown::Both);
-            return;
+            // Replies to statements sent before the COMMIT (a client may pipeline them with
+            // it) are delivered; the COMMIT's reply never is, so the COMMIT has run on the
+            // server when both sides are closed.
+            held.extend_from_slice(&buf[..n]);
+            if let Some(at) = commit_reply(&held) {
+                let _ = client.write_all(&held[..at]);
+                let _ = client.shutdown(Shutdown::Both);
+                let _ = server.shutdown(Shutdown::Both);
+                return;
+            }
+            continue;
         }
         if client.write_all(&buf[..n]).is_err() {
             let _ = server.shutdown(Shutdown::Both);
