@@ -40,7 +40,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// The longest poll interval of a reader whose directories are watched, reached by doubling
 /// [`POLL_INTERVAL`] while nothing changes: notify wakes it for new data; the poll is the
 /// safety net for events that were missed.
-pub const IDLE_POLL_MAX: Duration = Duration::from_secs(2);
+pub const IDLE_POLL_MAX: Duration = Duration::from_secs(5);
 /// How long a file that was renamed away or deleted is kept open after its last growth.
 pub const ROTATED_GRACE: Duration = Duration::from_secs(2);
 /// How long an idle file at EOF stays open before it is let go (reopened when it grows).
