@@ -431,6 +431,12 @@ impl Supervisor {
 
     /// Waits until every reader has finished (`run --once`, or after the stop token).
     pub async fn join_all(&mut self) {
+        // Idle readers wait for a hint up to 5 s: wake them to see the stop now.
+        if let Ok(w) = self.wakers.lock() {
+            for waker in w.values() {
+                let _ = waker.tx.send(Hint::Names);
+            }
+        }
         let readers = std::mem::take(&mut self.readers);
         self.restarts.clear();
         for (name, r) in readers {

@@ -178,6 +178,9 @@ pub struct Reader {
     reported: HashSet<String>,
     /// Files matched but not opened for lack of a free slot at the last discovery.
     waiting_for_slot: usize,
+    /// A new file matched at the last discovery was still empty: a data hint means "look for
+    /// files again" then, not only "read".
+    empty_matched: bool,
     opts: ParseOptions,
     buf: Vec<u8>,
     lines: Vec<Line>,
@@ -222,6 +225,7 @@ impl Reader {
             sticky_by_path,
             reported: HashSet::new(),
             waiting_for_slot: 0,
+            empty_matched: false,
             opts,
             buf: vec![0; READ_BYTES],
             lines: Vec::new(),
@@ -292,7 +296,7 @@ impl Reader {
                 // keeps a steadily written file from costing a wake-up per line.
                 match self.setup.wake.recv_timeout(idle_poll) {
                     Ok(hint) => {
-                        names_changed = hint == Hint::Names;
+                        names_changed = hint == Hint::Names || self.empty_matched;
                         idle_poll = POLL_INTERVAL;
                         std::thread::sleep(wake_debounce(self.setup.max_wait));
                     }
@@ -304,8 +308,12 @@ impl Reader {
                     Err(_) => {}
                 }
             }
+            // The agent stopping wakes idle readers with a hint: nothing more to do.
+            if self.setup.stop.is_cancelled() {
+                break;
+            }
             while let Ok(hint) = self.setup.wake.try_recv() {
-                names_changed |= hint == Hint::Names;
+                names_changed |= hint == Hint::Names || self.empty_matched;
             }
             // New files are looked for when names change (a file created or rotated), and
             // otherwise once per poll interval, the safety net for missed events.
@@ -398,6 +406,7 @@ impl Reader {
         // before the copy is considered.
         found.sort_by_key(|(_, m)| !self.catalog.knows(m.dev(), m.ino()));
         self.waiting_for_slot = 0;
+        self.empty_matched = false;
         for (path, meta) in found {
             self.consider(&path, &meta, startup);
         }
@@ -539,6 +548,9 @@ impl Reader {
         // a copy may adopt, even while the file itself has nothing to read.
         self.catalog.shrunk(dev, ino, len);
         if len == 0 {
+            // Opened once it has bytes: its first write's hint looks again at once (a file
+            // created empty and renamed away soon after must not be missed).
+            self.empty_matched = true;
             return;
         }
         if self.files.len() >= self.setup.max_open_files && !self.free_a_slot() {
