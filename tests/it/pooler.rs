@@ -229,6 +229,18 @@ fn a_running_agent_behind_pgbouncer_survives_a_server_restart_and_kill_9_exactly
         (2000, 2000),
         "{first}\n---\n{stderr}"
     );
+    // The agent's timeouts were SET LOCAL: nothing stayed behind on the server connections
+    // that other clients of the pool get.
+    for _ in 0..6 {
+        assert_eq!(
+            pg::psql(
+                &url,
+                "SELECT current_setting('lock_timeout') || ' ' || current_setting('idle_in_transaction_session_timeout')"
+            ),
+            "0 0",
+            "a session setting leaked to the pool"
+        );
+    }
     let (runs, failures) = noise.finish();
     assert!(runs >= 4, "the noise clients ran only {runs} times");
     assert!(failures.is_empty(), "noise clients failed: {failures:#?}");
