@@ -166,6 +166,16 @@ impl NonBlock for std::fs::OpenOptions {
     }
 }
 
+/// The wait status of `pid` when it is an unreaped zombie (its parent has not waited yet).
+pub fn zombie_status(pid: u32) -> Option<i32> {
+    let st = super::proc::parse_stat(&super::proc::read(format!("/proc/{pid}/stat"))?)?;
+    if matches!(st.state, 'Z' | 'X') {
+        st.exit_code
+    } else {
+        None
+    }
+}
+
 /// What is known about how `pid` ended, as the `exit` object of a `daemon_exited` event, plus
 /// a short phrase for its message. `zombie_status` is the wait status read while it was a
 /// zombie, when it was seen as one.
