@@ -96,6 +96,7 @@ async fn live(name: &str, args: &Args, ctx: &Context) -> anyhow::Result<Code> {
                     *pid,
                     &Options {
                         window,
+                        cpu_percent: None,
                         stack_dump: stack_dump.clone(),
                         silence: None,
                     },

@@ -36,6 +36,9 @@ const MAX_STACK_DUMPS: usize = 3;
 pub struct Options {
     /// CPU is measured per thread over this window (zero: not measured).
     pub window: Duration,
+    /// The process tree's CPU use measured elsewhere (the agent's last sample), used for
+    /// the root when `window` is zero.
+    pub cpu_percent: Option<f64>,
     /// The stack dumper's argv (`{pid}` not yet replaced), when configured.
     pub stack_dump: Option<Vec<String>>,
     /// What the agent knows about the silence, said in the verdict and stored.
@@ -207,6 +210,7 @@ fn read_process(
         cpu_percent: pct(proc_before, stat.cpu_ticks),
         rss_bytes: Some(stat.rss_pages.saturating_mul(page_size())),
         children: Vec::new(),
+        busy_throughout: false,
     })
 }
 
@@ -262,7 +266,17 @@ pub fn take(root: u32, opts: &Options) -> Option<Diagnosis> {
             }
         }
     }
-    let snapshot = snaps.remove(&root)?;
+    let mut snapshot = snaps.remove(&root)?;
+    if opts.window.is_zero() {
+        snapshot.cpu_percent = opts.cpu_percent;
+    }
+    if let Some(s) = opts.silence.as_ref().filter(|s| s.busy) {
+        snapshot.busy_throughout = true;
+        // Over the whole silence, CPU says more than the last sample.
+        if let Some(c) = s.cpu_seconds.filter(|_| s.secs > 0.0) {
+            snapshot.cpu_percent = Some((c / s.secs * 1000.0).round() / 10.0);
+        }
+    }
     let silent = opts.silence.as_ref().filter(|s| s.secs > 0.0).map(|s| {
         humantime::format_duration(Duration::from_secs(s.secs.round() as u64)).to_string()
     });

@@ -70,6 +70,9 @@ pub struct ProcSnap {
     pub cpu_percent: Option<f64>,
     pub rss_bytes: Option<u64>,
     pub children: Vec<ProcSnap>,
+    /// The agent saw it above its CPU threshold for the whole silence (a busy stall): a busy
+    /// loop whatever one short look at its threads shows.
+    pub busy_throughout: bool,
 }
 
 /// The verdict: kind, a plain-words line, and what it names.
@@ -515,7 +518,18 @@ fn judge_depth(p: &ProcSnap, silent_for: Option<&str>, depth: usize) -> Verdict 
             None,
         );
     }
-    if let Some(cpu) = p.cpu_percent.filter(|c| *c >= BUSY_CPU_PERCENT) {
+    // Spinning: at least half a core, or a thread on a CPU right now with a share that a
+    // loaded machine leaves it.
+    let on_cpu = p
+        .threads
+        .iter()
+        .any(|t| t.state == 'R' || t.syscall == Some(SyscallState::Running));
+    let busy = |c: &f64| *c >= BUSY_CPU_PERCENT || (on_cpu && *c >= BUSY_CPU_PERCENT / 4.0);
+    if let Some(cpu) = p
+        .cpu_percent
+        .filter(busy)
+        .or_else(|| p.busy_throughout.then_some(p.cpu_percent.unwrap_or(0.0)))
+    {
         let hot = p
             .threads
             .iter()
@@ -693,6 +707,14 @@ mod tests {
         }
     }
 
+    impl ProcSnap {
+        fn syscall_outside(&mut self) {
+            for t in &mut self.threads {
+                t.syscall = Some(SyscallState::Outside);
+            }
+        }
+    }
+
     fn proc_with(threads: Vec<ThreadSnap>) -> ProcSnap {
         ProcSnap {
             pid: 100,
@@ -857,6 +879,24 @@ mod tests {
         ]);
         busy.cpu_percent = Some(99.0);
         check("busy", &busy, Kind::BusyLoop, None, "thread t101 (tid 101)");
+        let mut starved = proc_with(vec![thread(100, 'S', 0, 0)]);
+        starved.syscall_outside();
+        starved.cpu_percent = Some(20.0);
+        check(
+            "starved, not known busy",
+            &starved,
+            Kind::Sleeping,
+            None,
+            "",
+        );
+        starved.busy_throughout = true;
+        check(
+            "starved busy stall",
+            &starved,
+            Kind::BusyLoop,
+            None,
+            "spins at 20% CPU",
+        );
         assert_eq!(judge(&busy, None).tid, Some(101));
 
         let sleeper = proc_with(vec![thread(100, 'S', 230, 0)]);

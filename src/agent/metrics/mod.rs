@@ -336,7 +336,7 @@ impl Watcher {
             // The hook: a stall episode opens, so look at what the process is doing.
             let diagnosis = match (&t, d.lifecycle.current()) {
                 (Transition::DaemonStalled { .. }, Some(cur)) => {
-                    stall_diagnosis(&d.cfg, cur.pid, &t, counters, clock, wall)
+                    stall_diagnosis(&d.cfg, cur.pid, &t, counters, row.cpu_percent, clock, wall)
                 }
                 _ => None,
             };
@@ -472,9 +472,6 @@ fn tree_counters(r: &TreeReading, clock: Clock) -> stall::Counters {
     c
 }
 
-/// How long the diagnosis taken when a stall opens measures CPU per thread.
-const STALL_CPU_WINDOW: Duration = Duration::from_millis(300);
-
 /// The diagnosis of a daemon whose stall episode just opened (what the silence cost comes
 /// from the detector's counters at its last moment of life).
 fn stall_diagnosis(
@@ -482,6 +479,7 @@ fn stall_diagnosis(
     pid: u32,
     t: &Transition,
     now: Option<stall::Counters>,
+    cpu_percent: Option<f64>,
     clock: Clock,
     wall: DateTime<Utc>,
 ) -> Option<crate::diagnose::Diagnosis> {
@@ -510,7 +508,10 @@ fn stall_diagnosis(
     let d = crate::diagnose::take(
         pid,
         &crate::diagnose::Options {
-            window: STALL_CPU_WINDOW,
+            // No extra window: the tick just measured the tree's CPU over its interval, and
+            // a diagnosis must not delay the other daemons' samples.
+            window: Duration::ZERO,
+            cpu_percent,
             stack_dump: cfg.stack_dump.clone(),
             silence: Some(silence),
         },
