@@ -307,3 +307,36 @@ fn render_children(p: &Value, depth: usize) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// One line per daemon stall with a diagnosis since `since` (of one experiment, or all):
+/// `time host/daemon kind: verdict`, newest first, at most `limit`. For `pipewatch errors`.
+pub async fn verdict_lines(
+    client: &tokio_postgres::Client,
+    experiment: Option<uuid::Uuid>,
+    since: DateTime<Utc>,
+    limit: i64,
+) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT ts, host, daemon, details->'diagnosis'->>'kind', details->'diagnosis'->>'verdict' \
+             FROM pipeline_events WHERE event_type = 'daemon_stalled' AND details ? 'diagnosis' \
+             AND ts >= $1 AND ($2::uuid IS NULL OR experiment_id = $2) \
+             ORDER BY ts DESC, id DESC LIMIT $3",
+            &[&since, &experiment, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let ts: DateTime<Utc> = r.get(0);
+            format!(
+                "{} {}/{} {}: {}",
+                ts.format("%Y-%m-%d %H:%M:%S"),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, Option<String>>(3).unwrap_or_default(),
+                r.get::<_, Option<String>>(4).unwrap_or_default()
+            )
+        })
+        .collect())
+}

@@ -455,6 +455,8 @@ fn classify(p: &ProcSnap, t: &ThreadSnap) -> (Wait, Option<String>) {
 fn thread_label(p: &ProcSnap, t: &ThreadSnap) -> String {
     if p.threads.len() <= 1 {
         format!("pid {}", p.pid)
+    } else if t.tid == p.pid {
+        format!("the main thread of pid {}", p.pid)
     } else {
         format!("thread {} (tid {})", t.name, t.tid)
     }

@@ -482,6 +482,17 @@ fn the_agent_stores_the_diagnosis_when_a_stall_opens() {
     let (stdout, _) = text(&out);
     assert!(stdout.contains("waiting_lock"), "{stdout}");
     assert!(stdout.contains("a likely deadlock"), "{stdout}");
+    // `errors` lists the stalls with their verdict line.
+    let out = pipewatch_cmd(&["--database-url", &env.db, "errors", "--experiment", exp])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("stalled daemons"), "{stdout}");
+    assert!(
+        stdout.contains("test-host/fifo blocked_io: blocked on I/O: pid "),
+        "{stdout}"
+    );
 
     // The dying daemon: its lines are shipped, then SIGKILL; unreaped, it is a zombie whose
     // status the agent can read.
