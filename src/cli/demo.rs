@@ -36,6 +36,9 @@ pub struct DaemonArgs {
     /// How long the whole simulated run takes
     #[arg(long, default_value = "16s", value_parser = humantime::parse_duration)]
     pub length: Duration,
+    /// A loopback port whose server never answers: the daemon hangs reading from it once
+    #[arg(long)]
+    pub hang_port: Option<u16>,
 }
 
 const DEMO_CONFIG: &str = r#"# Written by `pipewatch demo`.
@@ -137,6 +140,11 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let config = crate::config::load(&config_path)?;
     outln!("• agent config: {}", config_path.display());
 
+    // A server that accepts and never answers: the simulated daemon hangs on it once, and
+    // the agent's diagnosis names it.
+    let silent_server =
+        std::net::TcpListener::bind("127.0.0.1:0").context("binding the demo's silent server")?;
+    let hang_port = silent_server.local_addr()?.port();
     let exe = std::env::current_exe().context("locating the pipewatch binary")?;
     let length = args
         .duration
@@ -148,6 +156,8 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         .arg(dir.path())
         .arg("--length")
         .arg(humantime::format_duration(length).to_string())
+        .arg("--hang-port")
+        .arg(hang_port.to_string())
         .stdin(std::process::Stdio::null())
         .spawn()
         .map(KillOnDrop)
@@ -193,6 +203,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let _ = daemon.0.kill();
     let _ = daemon.0.wait();
     let summary = agent.await.context("the agent task failed")??;
+    drop(silent_server);
     if !terminal {
         let rows = crate::db::queries::progress_tree(&client, experiment).await?;
         out!("{}", render::progress_tree(&rows, Utc::now(), false));
@@ -309,6 +320,11 @@ async fn print_report(
         let msg: String = r.get(3);
         outln!("  {} {:<8} {:<18} {msg}", ts.format("%H:%M:%S"), sev, et);
     }
+    title("why was it stuck? (pipewatch why --experiment …)")?;
+    let since = Utc::now() - chrono::Duration::hours(1);
+    for l in super::why::verdict_lines(client, Some(experiment), since, 5).await? {
+        outln!("  {l}");
+    }
     title("metrics sample (pipeline_metrics)")?;
     let rows = client
         .query_typed(
@@ -421,8 +437,20 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<Code> {
         }
         busy(step(0.5));
     }
-    // The hang: alive, silent, idle.
-    std::thread::sleep(step(6.0));
+    // The hang: alive, silent, idle — reading from a server that never answers (or, without
+    // one, just asleep).
+    let hang = step(6.0);
+    let hung = args.hang_port.and_then(|port| {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(hang)).ok()?;
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf);
+        Some(())
+    });
+    if hung.is_none() {
+        std::thread::sleep(hang);
+    }
     emit(
         "warning",
         "MemoryError while merging clusters; retrying with smaller chunks",

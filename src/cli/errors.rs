@@ -56,9 +56,24 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
                 .await?
         }
     };
-    if rows.is_empty() {
+    // Hung daemons are errors too: their diagnosed stalls, with the verdict line.
+    let stalls = super::why::verdict_lines(&client, experiment, since, args.limit).await?;
+    if rows.is_empty() && stalls.is_empty() {
         outln!("no errors since {}", since.format("%Y-%m-%d %H:%M:%S UTC"));
         return Ok(Code::Success);
+    }
+    if !stalls.is_empty() {
+        outln!(
+            "{}",
+            paint(
+                "stalled daemons (pipewatch why --experiment E for more):",
+                "1",
+                color
+            )
+        );
+        for l in &stalls {
+            outln!("  {l}");
+        }
     }
     for r in &rows {
         let message: String = r.get(0);

@@ -25,3 +25,4 @@ mod supervise;
 mod tidy;
 mod tls;
 mod verify;
+mod why;
