@@ -196,6 +196,7 @@ impl Command {
             Command::Status(_) => "status",
             Command::Demo(_) => "demo",
             Command::Experiments(_) => "experiments",
+            Command::Why(_) => "why",
             Command::Manpage => "manpage",
             Command::DemoDaemon(_) => "demo-daemon",
         }

@@ -7,6 +7,7 @@ use super::out::outln;
 use super::render::paint;
 use super::Context;
 use crate::agent::metrics::process;
+use crate::db::typed::p;
 use crate::diagnose::{self, Options};
 use crate::exit::{usage, Code};
 use chrono::{DateTime, Utc};
@@ -131,7 +132,7 @@ async fn stored(experiment: &str, args: &Args, ctx: &Context) -> anyhow::Result<
     let client = ctx.connect().await?;
     let exp = super::experiment_arg(&client, experiment).await?;
     let rows = client
-        .query(
+        .query_typed(
             "SELECT DISTINCT ON (e.host, e.daemon) e.ts, e.host, e.daemon, e.event_type, \
              coalesce(e.message, ''), e.details, \
              (SELECT min(r.ts) FROM pipeline_events r WHERE r.event_type = 'daemon_recovered' \
@@ -141,7 +142,7 @@ async fn stored(experiment: &str, args: &Args, ctx: &Context) -> anyhow::Result<
              WHERE e.experiment_id = $1 AND ((e.event_type = 'daemon_stalled' AND e.details ? 'diagnosis') \
                 OR e.event_type = 'daemon_exited') \
              ORDER BY e.host, e.daemon, e.ts DESC, e.id DESC",
-            &[&exp],
+            &[p(&exp)],
         )
         .await?;
     let items: Vec<Value> = rows
@@ -317,12 +318,12 @@ pub async fn verdict_lines(
     limit: i64,
 ) -> anyhow::Result<Vec<String>> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT ts, host, daemon, details->'diagnosis'->>'kind', details->'diagnosis'->>'verdict' \
              FROM pipeline_events WHERE event_type = 'daemon_stalled' AND details ? 'diagnosis' \
              AND ts >= $1 AND ($2::uuid IS NULL OR experiment_id = $2) \
              ORDER BY ts DESC, id DESC LIMIT $3",
-            &[&since, &experiment, &limit],
+            &[p(&since), p(&experiment), p(&limit)],
         )
         .await?;
     Ok(rows
