@@ -245,3 +245,50 @@ fn a_running_agent_behind_pgbouncer_survives_a_server_restart_and_kill_9_exactly
     assert!(runs >= 4, "the noise clients ran only {runs} times");
     assert!(failures.is_empty(), "noise clients failed: {failures:#?}");
 }
+
+/// Keeps it so: no plain `query`/`execute` (a named statement per call) anywhere in `src`.
+/// A statement prepared inside a transaction and dropped before its COMMIT is fine; say so
+/// with a `pooler-safe:` comment on the line or the two before it.
+#[test]
+fn the_source_sends_no_named_statement_outside_a_transaction() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut found = Vec::new();
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().and_then(|e| e.to_str()) != Some("rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                let plain = [
+                    ".query(",
+                    ".query_one(",
+                    ".query_opt(",
+                    ".execute(",
+                    ".prepare(",
+                ]
+                .iter()
+                .any(|m| line.contains(m));
+                let vouched = lines[i.saturating_sub(2)..=i]
+                    .iter()
+                    .any(|l| l.contains("pooler-safe:"));
+                if plain && !vouched && !line.trim_start().starts_with("//") {
+                    found.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "named statements (unsafe behind pgbouncer in transaction mode; use query_typed / \
+         execute_typed with db::typed::p):\n{}",
+        found.join("\n")
+    );
+}
