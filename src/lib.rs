@@ -7,6 +7,7 @@
 //! - `db`: connecting, migrations, schema checks, operator queries.
 //! - `agent`: the shipper (discover → tail → parse → rules → route → batch → sink) and the
 //!   metrics sampler.
+//! - `web`: the read-only web view (`pipewatch web`).
 //! - `model`: records and rows passed between the agent's stages.
 
 pub mod agent;
@@ -17,3 +18,4 @@ pub mod exit;
 pub mod model;
 pub mod suggest;
 pub mod telemetry;
+pub mod web;

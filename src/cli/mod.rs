@@ -25,6 +25,7 @@ pub mod run;
 pub mod sample;
 pub mod status;
 pub mod verify;
+pub mod web;
 
 /// The default config file.
 pub const DEFAULT_CONFIG: &str = "/etc/pipewatch/pipewatch.toml";
@@ -74,6 +75,8 @@ pub enum Command {
     Demo(demo::Args),
     /// Create or list experiments (rows that give an experiment id a name)
     Experiments(experiments::Args),
+    /// Serve a read-only web view of experiments, progress, resources, logs and agents
+    Web(web::Args),
     /// Print the man page (roff), generated from this command line
     #[command(hide = true)]
     Manpage,
@@ -193,6 +196,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<Code> {
         Command::Status(a) => status::execute(a, &ctx).await,
         Command::Demo(a) => demo::execute(a, &ctx).await,
         Command::Experiments(a) => experiments::execute(a, &ctx).await,
+        Command::Web(a) => web::execute(a, &ctx).await,
         Command::Manpage => manpage::execute(),
         Command::DemoDaemon(a) => demo::run_daemon(a),
     }
