@@ -450,14 +450,16 @@ async fn window(
     let Some((first, last)) = data::metrics_span(c, experiment).await? else {
         return Ok((name, None));
     };
-    let to = last;
-    let from = match len {
-        Some(l) => to - l,
-        None => first.max(to - chrono::Duration::days(30)),
-    };
-    // At least a minute, so a single sample still has a width.
-    let from = from.min(to - chrono::Duration::minutes(1));
-    Ok((name, Some((from, to))))
+    let minute = chrono::Duration::minutes(1);
+    Ok((
+        name,
+        Some(match len {
+            Some(l) => (last - l, last),
+            // At least a minute, filled from the left as a young experiment grows.
+            None if last - first < minute => (first, first + minute),
+            None => (first.max(last - chrono::Duration::days(30)), last),
+        }),
+    ))
 }
 
 async fn charts_json(

@@ -24,3 +24,4 @@ mod supervise;
 mod tidy;
 mod tls;
 mod verify;
+mod web;

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod nonroot;
 pub mod pg;
 pub mod proxy;
+pub mod web;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
