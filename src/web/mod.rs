@@ -501,18 +501,28 @@ async fn charts_json(
     Ok((name, j, charts))
 }
 
+/// The whole experiment page's data; the four parts are read at the same time on
+/// different connections of the pool.
 async fn experiment_json(
+    s: &AppState,
     c: &Client,
     id: Uuid,
     name: Option<String>,
     q: &WindowQuery,
 ) -> Result<(Value, Vec<chart::DaemonCharts>), WebError> {
-    let (_, metrics, charts) = charts_json(c, id, q).await?;
+    let (c2, c3, c4) = (s.client().await?, s.client().await?, s.client().await?);
+    let (charts, progress, errors, events) = tokio::try_join!(
+        charts_json(c, id, q),
+        async { data::progress(&c2, id).await.map_err(WebError::from) },
+        async { data::errors(&c3, id).await.map_err(WebError::from) },
+        async { data::events(&c4, id).await.map_err(WebError::from) },
+    )?;
+    let (_, metrics, charts) = charts;
     let j = json!({
         "experiment": {"experiment_id": id.to_string(), "name": name},
-        "progress": data::progress(c, id).await?,
-        "errors": data::errors(c, id).await?,
-        "events": data::events(c, id).await?,
+        "progress": progress,
+        "errors": errors,
+        "events": events,
         "metrics": metrics,
     });
     Ok((j, charts))
@@ -525,7 +535,7 @@ async fn experiment_api(
 ) -> Result<Response, WebError> {
     let c = s.client().await?;
     let (id, name) = experiment(&c, &id).await?;
-    let (j, _) = experiment_json(&c, id, name, &q).await?;
+    let (j, _) = experiment_json(&s, &c, id, name, &q).await?;
     Ok(Json(j).into_response())
 }
 
@@ -540,7 +550,7 @@ async fn experiment_page(
     }
     let c = s.client().await?;
     let (id, name) = experiment(&c, &id).await?;
-    let (mut j, charts) = experiment_json(&c, id, name, &q).await?;
+    let (mut j, charts) = experiment_json(&s, &c, id, name, &q).await?;
     if let Some(o) = j.as_object_mut() {
         o.insert(
             "charts".into(),

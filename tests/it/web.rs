@@ -398,3 +398,175 @@ fn web_access_rules_and_headers() {
     assert_eq!(r.status, 200);
     assert!(r.header("content-security-policy").is_some());
 }
+
+/// Grafana's PostgreSQL macros, expanded as its SQL data source expands them, after the
+/// dashboard variables (`$__interval`, `$experiment`) are replaced.
+fn grafana_expand(
+    sql: &str,
+    vars: &[(&str, &str)],
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) -> String {
+    let mut s = sql.to_string();
+    // Longest names first, so `$__interval` does not eat `$__interval_ms`.
+    let mut vars = vars.to_vec();
+    vars.sort_by_key(|(n, _)| std::cmp::Reverse(n.len()));
+    for (name, value) in vars {
+        s = s.replace(&format!("${name}"), value);
+    }
+    let t = |d: chrono::DateTime<chrono::Utc>| {
+        format!("'{}'", d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    };
+    let secs = |interval: &str| -> f64 {
+        let i = interval.trim().trim_matches('\'');
+        let (n, unit) = i.split_at(i.find(|c: char| c.is_alphabetic()).unwrap());
+        let n: f64 = n.parse().unwrap();
+        n * match unit {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            u => panic!("interval unit {u}"),
+        }
+    };
+    let re = regex::Regex::new(r"\$__(\w+)\(([^)]*)\)").unwrap();
+    re.replace_all(&s, |c: &regex::Captures| {
+        let args: Vec<&str> = c[2].split(',').map(str::trim).collect();
+        match &c[1] {
+            "timeFilter" => format!("{} BETWEEN {} AND {}", args[0], t(from), t(to)),
+            "timeFrom" => t(from),
+            "timeTo" => t(to),
+            "time" => format!("{} AS \"time\"", args[0]),
+            "timeGroup" | "timeGroupAlias" => {
+                let s = secs(args[1]);
+                let g = format!("floor(extract(epoch from {})/{s})*{s}", args[0]);
+                if &c[1] == "timeGroupAlias" {
+                    format!("{g} AS \"time\"")
+                } else {
+                    g
+                }
+            }
+            m => panic!("macro $__{m} not expanded by this test"),
+        }
+    })
+    .into_owned()
+}
+
+/// Runs SQL with psql; the header and rows as CSV fields.
+fn csv(url: &str, sql: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let out = std::process::Command::new("psql")
+        .args([url, "-X", "-q", "--csv", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{sql}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    let header = lines
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    // Good enough for these results: no field holds a comma except quoted text we only count.
+    let rows = lines
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
+    (header, rows)
+}
+
+#[test]
+fn grafana_dashboard_queries_run_as_reader_on_test_data() {
+    let env = Env::new();
+    env.sql(&format!(
+        "INSERT INTO experiments (id, name) VALUES ('{EXP}', 'grafana test')"
+    ));
+    let out = pipewatch(&["--database-url", &env.db, "migrate", "--test-data", EXP]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let url = reader_url(&env);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/grafana");
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("pipewatch-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(std::fs::read_to_string(root.join("datasource.yaml"))
+        .unwrap()
+        .contains("uid: pipewatch"));
+    let now = chrono::Utc::now();
+    let (from, to) = (
+        now - chrono::Duration::days(1),
+        now + chrono::Duration::minutes(5),
+    );
+    let vars = [
+        ("__interval", "5m"),
+        ("__interval_ms", "300000"),
+        ("experiment", EXP),
+    ];
+    let run = |sql: &str| csv(&url, &grafana_expand(sql, &vars, from, to));
+
+    // The experiment variable lists the test experiment.
+    let var = &dash["templating"]["list"][0];
+    assert_eq!(var["name"], "experiment");
+    let (h, rows) = run(var["query"].as_str().unwrap());
+    assert_eq!(h, ["__text", "__value"]);
+    assert!(rows.iter().any(|r| r[1] == EXP), "{rows:?}");
+
+    let mut seen = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        let title = p["title"].as_str().unwrap();
+        let sql = p["targets"][0]["rawSql"].as_str().unwrap();
+        assert_eq!(p["datasource"]["uid"], "pipewatch", "{title}");
+        let (h, rows) = run(sql);
+        assert!(!rows.is_empty(), "{title}: no rows");
+        match p["type"].as_str().unwrap() {
+            "table" => assert_eq!(
+                h,
+                [
+                    "node",
+                    "level",
+                    "status",
+                    "percent",
+                    "items_done",
+                    "items_total",
+                    "updated_at"
+                ],
+                "{title}"
+            ),
+            "timeseries" => {
+                assert_eq!(h[0], "time", "{title}: {h:?}");
+                // A numeric time (epoch seconds) and a numeric value in the last column.
+                for r in &rows {
+                    assert!(r[0].parse::<f64>().is_ok(), "{title}: time {r:?}");
+                    assert!(
+                        r[r.len() - 1].parse::<f64>().is_ok(),
+                        "{title}: value {r:?}"
+                    );
+                }
+                if h.len() == 3 {
+                    assert_eq!(h[1], "metric", "{title}");
+                }
+            }
+            t => panic!("{title}: panel type {t} not checked"),
+        }
+        seen.push(title.to_string());
+    }
+    assert_eq!(
+        seen,
+        [
+            "Progress",
+            "CPU % per daemon",
+            "RSS per daemon",
+            "Records per second",
+            "Errors per minute"
+        ]
+    );
+    // Events as annotations: time, text, tags.
+    let anno = &dash["annotations"]["list"][1];
+    let (h, rows) = run(anno["target"]["rawSql"].as_str().unwrap());
+    assert_eq!(h, ["time", "text", "tags"]);
+    assert!(!rows.is_empty(), "no annotations");
+}
