@@ -29,6 +29,9 @@ struct Opts {
     /// Keep the filled database until Ctrl-C (prints its URL), to look at query plans.
     #[arg(long)]
     keep: bool,
+    /// Measure a database an earlier `--keep` run filled, instead of starting and filling one.
+    #[arg(long, value_name = "URL")]
+    reuse: Option<String>,
 }
 
 const EXPERIMENTS: i64 = 10;
@@ -37,13 +40,21 @@ const MAIN: &str = "5eed0000-0000-4000-8000-000000000000";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let o = Opts::parse();
-    eprintln!("starting a throwaway PostgreSQL …");
-    let pg = tokio::task::spawn_blocking(Throwaway::new).await??;
-    let url = pg.url("postgres");
+    let (pg, url) = match &o.reuse {
+        Some(u) => (None, u.clone()),
+        None => {
+            eprintln!("starting a throwaway PostgreSQL …");
+            let pg = tokio::task::spawn_blocking(Throwaway::new).await??;
+            let url = pg.url("postgres");
+            (Some(pg), url)
+        }
+    };
     let target = pipewatch::db::DbTarget::parse(&url, None, None)?;
     let mut client = pipewatch::db::connect(&target).await?;
-    pipewatch::db::migrate::apply(&mut client).await?;
-    fill(&client, o.logs).await?;
+    if o.reuse.is_none() {
+        pipewatch::db::migrate::apply(&mut client).await?;
+        fill(&client, o.logs).await?;
+    }
 
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
@@ -80,10 +91,10 @@ async fn main() -> anyhow::Result<()> {
     let pages: Vec<(&str, String)> = vec![
         ("static file (HTTP floor)", "/static/style.css".into()),
         ("experiments list", "/".into()),
-        ("experiment, window all (30 d)", format!("/experiments/{e}")),
+        ("experiment (default: last 24 h)", format!("/experiments/{e}")),
         (
-            "experiment, window 24h",
-            format!("/experiments/{e}?window=24h"),
+            "experiment, window 30d",
+            format!("/experiments/{e}?window=30d"),
         ),
         (
             "charts fragment, 30d",
@@ -263,11 +274,12 @@ async fn fill(c: &tokio_postgres::Client, logs: i64) -> anyhow::Result<()> {
            FROM generate_series(1, 5) p, generate_series(1, 8) s;
          INSERT INTO pipewatch_agents (agent_id, host, daemons, version, started_at, last_commit_at, records_shipped) \
          SELECT 'host-' || h || '/daemon-' || h, 'host-' || h, ARRAY['daemon-' || h], '0.1.0', now() - interval '30 days', now(), {logs} / 4 \
-           FROM generate_series(0, 3) h;
-         ANALYZE;"
+           FROM generate_series(0, 3) h;"
     ))
     .await
     .context("events, progress, agents")?;
+    // As autovacuum would have by then on a real month of data.
+    c.batch_execute("VACUUM ANALYZE").await.context("vacuum")?;
     done(t);
     Ok(())
 }

@@ -2,7 +2,6 @@
 //!
 //! Loopback by default; another address needs `--token-file` (or `--insecure`, said loudly).
 
-use super::out::outln;
 use super::Context;
 use crate::exit::{usage, Code};
 use anyhow::Context as _;
@@ -69,8 +68,17 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    outln!("pipewatch web: http://{addr}/ (Ctrl-C to stop)");
-    super::out::flush()?;
+    // A closed stdout does not stop a server: the address is also in the log below.
+    let said = super::out::write_fmt(format_args!(
+        "pipewatch web: http://{addr}/ (Ctrl-C to stop)\n"
+    ))
+    .and_then(|()| super::out::flush());
+    if let Err(e) = said {
+        if !super::out::is_closed(&e) {
+            return Err(e);
+        }
+    }
+    tracing::debug!(%addr, "serving the web view");
     let state = std::sync::Arc::new(crate::web::AppState::new(target, access));
     let mut stop = super::StopSignals::new()?;
     crate::web::serve(listener, state, async move { stop.recv().await }).await?;

@@ -101,13 +101,21 @@ pub async fn progress(client: &Client, experiment: Uuid) -> anyhow::Result<Value
     ))
 }
 
-/// The experiment's errors grouped by message (`get_error_summary`), one traceback each.
-pub async fn errors(client: &Client, experiment: Uuid) -> anyhow::Result<Value> {
+/// The experiment's errors since `since` grouped by message (`get_error_summary`), one
+/// traceback each.
+pub async fn errors(
+    client: &Client,
+    experiment: Uuid,
+    since: Option<DateTime<Utc>>,
+) -> anyhow::Result<Value> {
     let rows = client
         .query_typed(
             "SELECT message, count, first_seen, last_seen, nodes, sample_traceback, max_level \
-             FROM get_error_summary($1) LIMIT 50",
-            &[(&experiment, Type::UUID)],
+             FROM get_error_summary($1, $2) LIMIT 50",
+            &{
+                let p: [P; 2] = [(&experiment, Type::UUID), (&since, Type::TIMESTAMPTZ)];
+                p
+            },
         )
         .await?;
     Ok(Value::Array(
@@ -197,23 +205,22 @@ pub struct Mark {
 }
 
 /// The most rows read per bucket (see [`metrics`]).
-pub const SAMPLE: i64 = 128;
+pub const SAMPLE: i64 = 64;
 
 /// How many buckets a chart has at most: the server sends no more points than a chart is wide.
-pub const MAX_POINTS: i64 = 300;
+pub const MAX_POINTS: i64 = 240;
 
-/// Metrics per daemon between `from` and `to`, in at most [`MAX_POINTS`] buckets, and the
-/// events and error records of that window as marks.
-pub async fn metrics(
+/// Metrics per daemon between `from` and `to`, in at most [`MAX_POINTS`] buckets.
+pub async fn series(
     client: &Client,
     experiment: Uuid,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> anyhow::Result<(Vec<DaemonSeries>, Vec<Mark>)> {
+) -> anyhow::Result<Vec<DaemonSeries>> {
     let span = (to - from).num_seconds().max(1) as f64;
     let bucket = (span / MAX_POINTS as f64).ceil().max(1.0);
     // One index range scan per bucket, reading at most SAMPLE rows of it: exact while a
-    // bucket holds fewer rows (every window up to a day at 10 s samples for a few daemons),
+    // bucket holds fewer rows (up to six hours at 10 s samples for four daemons),
     // a sample of each bucket's start beyond that, so a month costs what a day does.
     let rows = client
         .query_typed(
@@ -268,32 +275,40 @@ pub async fn metrics(
             s.rps.push(r.get(7));
         }
     }
-    let events = client
-        .query_typed(
+    Ok(out)
+}
+
+/// The events (not the agent's own start and stop) and error records between `from` and
+/// `to`, as chart marks; at most 200 and 100, newest first.
+pub async fn marks(
+    events_client: &Client,
+    errors_client: &Client,
+    experiment: Uuid,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> anyhow::Result<Vec<Mark>> {
+    let params: [P; 3] = [
+        (&experiment, Type::UUID),
+        (&from, Type::TIMESTAMPTZ),
+        (&to, Type::TIMESTAMPTZ),
+    ];
+    let (events, errors) = tokio::join!(
+        events_client.query_typed(
             "SELECT ts, event_type, coalesce(message, event_type), host, daemon FROM pipeline_events \
               WHERE experiment_id = $1 AND ts >= $2 AND ts <= $3 \
                 AND event_type NOT IN ('agent_started', 'agent_stopped') \
               ORDER BY ts DESC LIMIT 200",
-            &{ let p: [P; 3] = [
-                (&experiment, Type::UUID),
-                (&from, Type::TIMESTAMPTZ),
-                (&to, Type::TIMESTAMPTZ),
-            ]; p },
-        )
-        .await?;
-    let errors = client
-        .query_typed(
+            &params,
+        ),
+        errors_client.query_typed(
             "SELECT ts, 'error', message, host, daemon FROM pipeline_logs \
               WHERE experiment_id = $1 AND level IN ('ERROR', 'CRITICAL') AND ts >= $2 AND ts <= $3 \
               ORDER BY ts DESC LIMIT 100",
-            &{ let p: [P; 3] = [
-                (&experiment, Type::UUID),
-                (&from, Type::TIMESTAMPTZ),
-                (&to, Type::TIMESTAMPTZ),
-            ]; p },
-        )
-        .await?;
-    let marks = events
+            &params,
+        ),
+    );
+    let (events, errors) = (events?, errors?);
+    Ok(events
         .iter()
         .chain(errors.iter())
         .map(|r| Mark {
@@ -303,8 +318,7 @@ pub async fn metrics(
             host: r.get(3),
             daemon: r.get(4),
         })
-        .collect();
-    Ok((out, marks))
+        .collect())
 }
 
 /// The filters of `pipewatch logs`, plus a page cursor and a follow position.

@@ -35,7 +35,7 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Database connections the server keeps (requests share them; tokio-postgres pipelines).
-const POOL: usize = 4;
+const POOL: usize = 6;
 
 /// How the server checks who is asking.
 #[derive(Clone)]
@@ -435,25 +435,30 @@ struct WindowQuery {
 
 /// The chart window: its name, start and end. The end is the newest sample (so a finished
 /// experiment still shows its last hour); `all` starts at the first sample, 30 days at most.
-async fn window(
-    c: &Client,
-    experiment: Uuid,
-    q: &WindowQuery,
-) -> Result<(String, Option<(DateTime<Utc>, DateTime<Utc>)>), WebError> {
-    let name = q.window.clone().unwrap_or_else(|| "all".to_string());
-    let Some(len) = data::window_length(&name) else {
-        return Err(WebError::BadRequest(format!(
-            "window {name:?} is not one of {}",
-            data::WINDOWS.join(", ")
-        )));
-    };
+async fn window(c: &Client, experiment: Uuid, q: &WindowQuery) -> Result<Window, WebError> {
+    if let Some(name) = &q.window {
+        if data::window_length(name).is_none() {
+            return Err(WebError::BadRequest(format!(
+                "window {name:?} is not one of {}",
+                data::WINDOWS.join(", ")
+            )));
+        }
+    }
     let Some((first, last)) = data::metrics_span(c, experiment).await? else {
-        return Ok((name, None));
+        return Ok((q.window.clone().unwrap_or_else(|| "all".into()), None));
     };
+    // The default: the whole run while it is at most a day long, else its last day.
+    let name = q.window.clone().unwrap_or_else(|| {
+        if last - first <= chrono::Duration::days(1) {
+            "all".into()
+        } else {
+            "24h".into()
+        }
+    });
     let minute = chrono::Duration::minutes(1);
     Ok((
-        name,
-        Some(match len {
+        name.clone(),
+        Some(match data::window_length(&name).flatten() {
             Some(l) => (last - l, last),
             // At least a minute, filled from the left as a young experiment grows.
             None if last - first < minute => (first, first + minute),
@@ -462,12 +467,17 @@ async fn window(
     ))
 }
 
+/// A chart window: its name and its time range (none without metrics).
+type Window = (String, Option<(DateTime<Utc>, DateTime<Utc>)>);
+
+/// The charts of a window: the series and the marks read at the same time on three
+/// connections of the pool.
 async fn charts_json(
+    s: &AppState,
     c: &Client,
     experiment: Uuid,
-    q: &WindowQuery,
+    (name, range): Window,
 ) -> Result<(String, Value, Vec<chart::DaemonCharts>), WebError> {
-    let (name, range) = window(c, experiment, q).await?;
     let Some((from, to)) = range else {
         return Ok((
             name.clone(),
@@ -475,7 +485,11 @@ async fn charts_json(
             vec![],
         ));
     };
-    let (series, marks) = data::metrics(c, experiment, from, to).await?;
+    let (c2, c3) = (s.client().await?, s.client().await?);
+    let (series, marks) = tokio::try_join!(
+        data::series(c, experiment, from, to),
+        data::marks(&c2, &c3, experiment, from, to),
+    )?;
     let charts = chart::build(&series, &marks, from, to);
     let j = json!({
         "window": name,
@@ -502,7 +516,8 @@ async fn charts_json(
 }
 
 /// The whole experiment page's data; the four parts are read at the same time on
-/// different connections of the pool.
+/// different connections of the pool. The error summary covers the chart window
+/// (all of the run for `all`).
 async fn experiment_json(
     s: &AppState,
     c: &Client,
@@ -510,11 +525,14 @@ async fn experiment_json(
     name: Option<String>,
     q: &WindowQuery,
 ) -> Result<(Value, Vec<chart::DaemonCharts>), WebError> {
+    let w = window(c, id, q).await?;
+    // "all" means the whole run, errors before the first sample included.
+    let since = w.1.filter(|_| w.0 != "all").map(|(from, _)| from);
     let (c2, c3, c4) = (s.client().await?, s.client().await?, s.client().await?);
     let (charts, progress, errors, events) = tokio::try_join!(
-        charts_json(c, id, q),
+        charts_json(s, c, id, w),
         async { data::progress(&c2, id).await.map_err(WebError::from) },
-        async { data::errors(&c3, id).await.map_err(WebError::from) },
+        async { data::errors(&c3, id, since).await.map_err(WebError::from) },
         async { data::events(&c4, id).await.map_err(WebError::from) },
     )?;
     let (_, metrics, charts) = charts;
@@ -594,7 +612,8 @@ async fn metrics_api(
 ) -> Result<Response, WebError> {
     let c = s.client().await?;
     let (id, _) = experiment(&c, &id).await?;
-    let (_, j, _) = charts_json(&c, id, &q).await?;
+    let w = window(&c, id, &q).await?;
+    let (_, j, _) = charts_json(&s, &c, id, w).await?;
     Ok(Json(j).into_response())
 }
 
@@ -610,7 +629,8 @@ async fn charts_fragment(
     }
     let c = s.client().await?;
     let (id, _) = experiment(&c, &id).await?;
-    let (name, _, charts) = charts_json(&c, id, &q).await?;
+    let w = window(&c, id, &q).await?;
+    let (name, _, charts) = charts_json(&s, &c, id, w).await?;
     s.render(
         "charts.html",
         json!({ "charts": charts, "window": name, "experiment": {"experiment_id": id.to_string()} }),
