@@ -91,7 +91,10 @@ async fn main() -> anyhow::Result<()> {
     let pages: Vec<(&str, String)> = vec![
         ("static file (HTTP floor)", "/static/style.css".into()),
         ("experiments list", "/".into()),
-        ("experiment (default: last 24 h)", format!("/experiments/{e}")),
+        (
+            "experiment (default: last 24 h)",
+            format!("/experiments/{e}"),
+        ),
         (
             "experiment, window 30d",
             format!("/experiments/{e}?window=30d"),
