@@ -204,7 +204,7 @@ pub struct Mark {
     pub daemon: Option<String>,
 }
 
-/// The most rows read per bucket (see [`metrics`]).
+/// The most rows read per bucket (see [`series`]).
 pub const SAMPLE: i64 = 64;
 
 /// How many buckets a chart has at most: the server sends no more points than a chart is wide.
