@@ -113,7 +113,7 @@ fn web_view_in_a_browser_against_a_real_agent() {
     append(&beta, &[progress("other", Some("root"), 10.0)]);
     let cfg = env.config(DAEMONS);
     let agent = env.spawn(&cfg);
-    let logs_expected = CORPUS.len() as i64 + 3;
+    let logs_expected = CORPUS.len() as i64 + 3; // + the three progress lines
     assert!(
         wait_until(Duration::from_secs(60), || {
             env.count(&format!(
@@ -125,6 +125,23 @@ fn web_view_in_a_browser_against_a_real_agent() {
                 )) >= 3
         }),
         "the agent did not ship the lines and metrics:\n{}",
+        agent.stderr()
+    );
+    // An event while metrics are sampled: it must be marked on alpha's charts only.
+    append(
+        &alpha,
+        &[line(
+            "warning",
+            "MemoryError while merging <clusters>",
+            serde_json::json!({"event_type": "out_of_memory", "severity": "CRITICAL"}),
+        )],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || env.count(
+            "SELECT count(*) FROM pipeline_metrics m WHERE m.daemon = 'alpha' AND m.ts > \
+             (SELECT max(ts) FROM pipeline_events WHERE event_type = 'out_of_memory')"
+        ) >= 1),
+        "no event or no sample after it:\n{}",
         agent.stderr()
     );
     let url = reader_url(&env);
@@ -162,6 +179,9 @@ fn web_view_in_a_browser_against_a_real_agent() {
             .js("return Array.from(document.querySelectorAll('#charts .daemon')).map(d => d.dataset.daemon)")
             .await;
         assert_eq!(daemons, serde_json::json!(["alpha", "beta"]));
+        let oom = "return ['alpha', 'beta'].map(d => document.querySelectorAll(\
+            `#charts .daemon[data-daemon=\"${d}\"] line.mark.k-out_of_memory`).length)";
+        assert_eq!(b.js(oom).await, serde_json::json!([4, 0]), "OOM marked on alpha's 4 charts");
         let drawn = b
             .js("return document.querySelector('#charts .daemon polyline.s-cpu').getAttribute('points').split(' ').length")
             .await;
