@@ -7,6 +7,7 @@
 //! - `db`: connecting, migrations, schema checks, operator queries.
 //! - `agent`: the shipper (discover → tail → parse → rules → route → batch → sink) and the
 //!   metrics sampler.
+//! - `web`: the read-only web view (`pipewatch web`).
 //! - `model`: records and rows passed between the agent's stages.
 //! - `diagnose`: what a silent daemon is doing (/proc snapshot → verdict), for `why` and stall events.
 
@@ -19,3 +20,4 @@ pub mod exit;
 pub mod model;
 pub mod suggest;
 pub mod telemetry;
+pub mod web;

@@ -25,6 +25,9 @@ pub struct Args {
     /// Keep the database and files after the demo until Ctrl-C, to explore with psql
     #[arg(long)]
     pub keep: bool,
+    /// Also serve the web view on loopback, and keep it up after the demo until Ctrl-C
+    #[arg(long)]
+    pub web: bool,
 }
 
 /// The simulated daemon's arguments (hidden command `demo-daemon`).
@@ -114,6 +117,10 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let mut client = crate::db::connect(&target).await?;
     crate::db::migrate::apply(&mut client).await?;
     outln!("• schema migrated");
+    if args.web {
+        let addr = crate::web::spawn_local(target.clone()).await?;
+        outln!("• web view: http://{addr}/ (open it now to watch the progress move)");
+    }
 
     let experiment = Uuid::new_v4();
     let name = format!("demo-clustering-{}", Utc::now().format("%Y%m%d-%H%M%S"));
@@ -222,7 +229,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     outln!("    SELECT ts, level, message FROM get_experiment_logs('{experiment}', p_level := 'WARNING');");
     outln!("    SELECT * FROM active_pipeline_monitoring;");
     outln!("  pipewatch --database-url '{url}' logs --experiment {name}");
-    if args.keep {
+    if args.keep || args.web {
         outln!("\nThe database and files are kept; press Ctrl-C to clean up and exit.");
         let _ = tokio::signal::ctrl_c().await;
     } else {

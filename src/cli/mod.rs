@@ -26,6 +26,7 @@ pub mod sample;
 pub mod status;
 pub mod verify;
 pub mod why;
+pub mod web;
 
 /// The default config file.
 pub const DEFAULT_CONFIG: &str = "/etc/pipewatch/pipewatch.toml";
@@ -77,6 +78,8 @@ pub enum Command {
     Experiments(experiments::Args),
     /// What a daemon is doing: a live diagnosis, or the last one stored for an experiment
     Why(why::Args),
+    /// Serve a read-only web view of experiments, progress, resources, logs and agents
+    Web(web::Args),
     /// Print the man page (roff), generated from this command line
     #[command(hide = true)]
     Manpage,
@@ -197,6 +200,7 @@ impl Command {
             Command::Demo(_) => "demo",
             Command::Experiments(_) => "experiments",
             Command::Why(_) => "why",
+            Command::Web(_) => "web",
             Command::Manpage => "manpage",
             Command::DemoDaemon(_) => "demo-daemon",
         }
@@ -224,6 +228,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<Code> {
         Command::Demo(a) => demo::execute(a, &ctx).await,
         Command::Experiments(a) => experiments::execute(a, &ctx).await,
         Command::Why(a) => why::execute(a, &ctx).await,
+        Command::Web(a) => web::execute(a, &ctx).await,
         Command::Manpage => manpage::execute(),
         Command::DemoDaemon(a) => demo::run_daemon(a),
     }

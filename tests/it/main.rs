@@ -26,3 +26,4 @@ mod tidy;
 mod tls;
 mod verify;
 mod why;
+mod web;

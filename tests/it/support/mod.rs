@@ -7,6 +7,7 @@ pub mod nonroot;
 pub mod pg;
 pub mod pooler;
 pub mod proxy;
+pub mod web;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
