@@ -25,8 +25,8 @@ pub mod run;
 pub mod sample;
 pub mod status;
 pub mod verify;
-pub mod why;
 pub mod web;
+pub mod why;
 
 /// The default config file.
 pub const DEFAULT_CONFIG: &str = "/etc/pipewatch/pipewatch.toml";

@@ -25,5 +25,5 @@ mod supervise;
 mod tidy;
 mod tls;
 mod verify;
-mod why;
 mod web;
+mod why;
