@@ -546,3 +546,48 @@ fn the_agent_stores_the_diagnosis_when_a_stall_opens() {
     drop(s);
     let _ = std::io::stderr().flush();
 }
+
+#[test]
+fn without_ptrace_rights_why_says_what_it_cannot_see() {
+    if !crate::support::nonroot::available() {
+        return;
+    }
+    let dir = crate::support::nonroot::open_dir();
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("300");
+    let _hang = spawn("sleeper", sleeper, dir.path());
+    let config = dir.path().join("pipewatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemons.sleeper]\npid_file = \"{}\"\n",
+            dir.path().join("sleeper.pid").display()
+        ),
+    )
+    .unwrap();
+    for p in [&config, &dir.path().join("sleeper.pid")] {
+        crate::support::nonroot::chmod(p, 0o644);
+    }
+    let out = crate::support::nonroot::cmd(&[
+        "--config",
+        config.to_str().unwrap(),
+        "why",
+        "sleeper",
+        "--json",
+        "--window",
+        "200ms",
+    ])
+    .output()
+    .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let d = &serde_json::from_str::<Value>(&stdout).unwrap()[0];
+    assert_eq!(d["kind"], "sleeping", "{d}");
+    assert!(
+        d["verdict"]
+            .as_str()
+            .unwrap()
+            .contains("not readable: pipewatch needs ptrace rights over it"),
+        "{d}"
+    );
+}
