@@ -351,6 +351,10 @@ impl Watcher {
                                 stall_diagnosis(&cfg, pid, &t, counters, cpu, clock, wall);
                             stall_event(&host2, &cfg, &act2, &row2, t, wall, diagnosis)
                         });
+                    // An earlier episode that ended with the process is shipped first.
+                    if let Some(h) = d.pending_stall.take() {
+                        tick.events.extend(h.join().ok());
+                    }
                     match spawned {
                         Ok(h) => d.pending_stall = Some(h),
                         Err(error) => {
