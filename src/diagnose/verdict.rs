@@ -680,6 +680,14 @@ fn judge_depth(p: &ProcSnap, silent_for: Option<&str>, depth: usize) -> Verdict 
                     _ => None,
                 })
                 .unwrap_or_else(|| format!("pid {} waits", p.pid));
+            let blind = !p.threads.is_empty() && p.threads.iter().all(|t| t.syscall.is_none());
+            let what = if blind {
+                format!(
+                    "{what} (its system calls and descriptors are not readable: pipewatch needs ptrace rights over it, see README \"Why is it stuck?\")"
+                )
+            } else {
+                what
+            };
             (None, what)
         }
     };
@@ -908,6 +916,15 @@ mod tests {
             Kind::Sleeping,
             None,
             "sleeping in clock_nanosleep",
+        );
+        let mut blind = proc_with(vec![thread(100, 'S', 0, 0)]);
+        blind.threads[0].syscall = None;
+        check(
+            "no ptrace rights",
+            &blind,
+            Kind::Sleeping,
+            None,
+            "needs ptrace rights",
         );
         let select0 = proc_with(vec![thread(100, 'S', 23, 0)]);
         check(

@@ -184,6 +184,14 @@ fn scene(dir: &Path) -> Scene {
     }
 }
 
+/// Kills one of the scene's programs now (it is reaped when the scene drops).
+fn stop(hangs: &[Hang], name: &str) {
+    if let Some(h) = hangs.iter().find(|h| h.name == name) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(h.child.id() as i32, libc::SIGKILL) };
+    }
+}
+
 /// The `[daemons.*]` tables for the scene (pid files only), with `extra` in each.
 fn daemons_toml(dir: &Path, cases: &[Case], extra: &str) -> String {
     cases
@@ -259,6 +267,10 @@ fn why_names_what_each_hung_process_waits_on() {
         );
         check_target(case, &last, &s.hangs);
         assert_eq!(last["daemon"], case.name);
+        if case.name == "busy" {
+            // Spinning no longer than needed: other tests measure CPU on this machine.
+            stop(&s.hangs, "busy");
+        }
         eprintln!(
             "why live  {:<9} {:<16} after {:>5.2}s  {}",
             case.name,
@@ -400,6 +412,7 @@ fn the_agent_stores_the_diagnosis_when_a_stall_opens() {
         std::fs::read_to_string(&agent.log).unwrap_or_default()
     );
     let to_verdict = agent_started.elapsed();
+    stop(&s.hangs, "busy");
     for case in &s.cases {
         let e = event(&env, case.name, "daemon_stalled").unwrap();
         let d = &e["details"]["diagnosis"];
@@ -532,4 +545,49 @@ fn the_agent_stores_the_diagnosis_when_a_stall_opens() {
     assert_eq!(code, Some(0), "{stderr}");
     drop(s);
     let _ = std::io::stderr().flush();
+}
+
+#[test]
+fn without_ptrace_rights_why_says_what_it_cannot_see() {
+    if !crate::support::nonroot::available() {
+        return;
+    }
+    let dir = crate::support::nonroot::open_dir();
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("300");
+    let _hang = spawn("sleeper", sleeper, dir.path());
+    let config = dir.path().join("pipewatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemons.sleeper]\npid_file = \"{}\"\n",
+            dir.path().join("sleeper.pid").display()
+        ),
+    )
+    .unwrap();
+    for p in [&config, &dir.path().join("sleeper.pid")] {
+        crate::support::nonroot::chmod(p, 0o644);
+    }
+    let out = crate::support::nonroot::cmd(&[
+        "--config",
+        config.to_str().unwrap(),
+        "why",
+        "sleeper",
+        "--json",
+        "--window",
+        "200ms",
+    ])
+    .output()
+    .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let d = &serde_json::from_str::<Value>(&stdout).unwrap()[0];
+    assert_eq!(d["kind"], "sleeping", "{d}");
+    assert!(
+        d["verdict"]
+            .as_str()
+            .unwrap()
+            .contains("not readable: pipewatch needs ptrace rights over it"),
+        "{d}"
+    );
 }

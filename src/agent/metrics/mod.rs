@@ -67,6 +67,9 @@ struct DaemonState {
     stall: StallDetector,
     /// The pid-file problem already logged, so it is logged once per change.
     pid_file_problem: Option<String>,
+    /// A `daemon_stalled` event whose diagnosis runs the stack dumper on its own thread (so
+    /// a slow dumper never delays other samples); shipped once done.
+    pending_stall: Option<std::thread::JoinHandle<EventRow>>,
 }
 
 /// Sampling state of the agent itself.
@@ -108,6 +111,7 @@ impl Watcher {
                     prev_host_cpu: None,
                     lifecycle: Lifecycle::new(),
                     pid_file_problem: None,
+                    pending_stall: None,
                 })
                 .collect(),
             agent: AgentState {
@@ -334,14 +338,59 @@ impl Watcher {
         };
         for t in d.stall.observe(&obs) {
             // The hook: a stall episode opens, so look at what the process is doing.
-            let diagnosis = match (&t, d.lifecycle.current()) {
-                (Transition::DaemonStalled { .. }, Some(cur)) => {
-                    stall_diagnosis(&d.cfg, cur.pid, &t, counters, row.cpu_percent, clock, wall)
+            match (&t, d.lifecycle.current()) {
+                (Transition::DaemonStalled { .. }, Some(cur)) if d.cfg.stack_dump.is_some() => {
+                    let (cfg, act2, row2) = (d.cfg.clone(), act.clone(), row.clone());
+                    let (host2, pid) = (host.clone(), cur.pid);
+                    let cpu = row.cpu_percent;
+                    let again = t.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("pipewatch-why".into())
+                        .spawn(move || {
+                            let diagnosis =
+                                stall_diagnosis(&cfg, pid, &t, counters, cpu, clock, wall);
+                            stall_event(&host2, &cfg, &act2, &row2, t, wall, diagnosis)
+                        });
+                    // An earlier episode that ended with the process is shipped first.
+                    if let Some(h) = d.pending_stall.take() {
+                        tick.events.extend(h.join().ok());
+                    }
+                    match spawned {
+                        Ok(h) => d.pending_stall = Some(h),
+                        Err(error) => {
+                            tracing::warn!(daemon = %d.cfg.name, %error, "Cannot start the stack dump thread; the stall is stored without a diagnosis.");
+                            tick.events
+                                .push(stall_event(&host, &d.cfg, &act, &row, again, wall, None));
+                        }
+                    }
                 }
-                _ => None,
-            };
-            tick.events
-                .push(stall_event(&host, &d.cfg, &act, &row, t, wall, diagnosis));
+                (Transition::DaemonStalled { .. }, Some(cur)) => {
+                    let diagnosis = stall_diagnosis(
+                        &d.cfg,
+                        cur.pid,
+                        &t,
+                        counters,
+                        row.cpu_percent,
+                        clock,
+                        wall,
+                    );
+                    tick.events
+                        .push(stall_event(&host, &d.cfg, &act, &row, t, wall, diagnosis));
+                }
+                _ => {
+                    // A recovery follows its stall: ship a pending one first.
+                    if let Some(h) = d.pending_stall.take() {
+                        tick.events.extend(h.join().ok());
+                    }
+                    tick.events
+                        .push(stall_event(&host, &d.cfg, &act, &row, t, wall, None));
+                }
+            }
+        }
+        if d.pending_stall.as_ref().is_some_and(|h| h.is_finished()) {
+            if let Some(h) = d.pending_stall.take() {
+                tick.events.extend(h.join().ok());
+            }
         }
         tick.metrics.push(row);
     }
