@@ -5,7 +5,7 @@
 
 use crate::model::Level;
 use chrono::{DateTime, Utc};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
@@ -27,6 +27,33 @@ pub struct DaemonActivity {
     /// The last progress node that was updated while `running`, its percent and items, and
     /// when its percent or items last changed.
     pub progress: Option<ProgressActivity>,
+    /// Its last few lines (level, message, a traceback's last line), newest last, for the
+    /// `daemon_exited` event: at most [`RECENT_LINES`] of at most [`RECENT_LINE_CHARS`].
+    pub recent_lines: VecDeque<String>,
+}
+
+/// How many recent lines are kept per daemon.
+pub const RECENT_LINES: usize = 20;
+/// How long a kept line may be, in characters.
+pub const RECENT_LINE_CHARS: usize = 300;
+
+impl DaemonActivity {
+    /// Remembers one line the daemon wrote, forgetting the oldest beyond [`RECENT_LINES`].
+    pub fn remember_line(&mut self, level: &str, message: &str, traceback: Option<&str>) {
+        let mut line = format!("{level} {message}");
+        if let Some(last) = traceback.and_then(|t| t.lines().rev().find(|l| !l.trim().is_empty())) {
+            line.push_str(" | ");
+            line.push_str(last.trim());
+        }
+        if line.chars().count() > RECENT_LINE_CHARS {
+            line = line.chars().take(RECENT_LINE_CHARS).collect();
+            line.push('…');
+        }
+        if self.recent_lines.len() >= RECENT_LINES {
+            self.recent_lines.pop_front();
+        }
+        self.recent_lines.push_back(line);
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

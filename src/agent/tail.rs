@@ -998,7 +998,7 @@ impl Reader {
                 logs.push(row);
                 seen.count += 1;
                 seen.experiment_id = routed.log.experiment_id.or(seen.experiment_id);
-                seen.last = Some(routed.log);
+                seen.keep(routed.log);
             }
             note_activity(&self.setup.activity, &daemon.name, &seen, &progress, now);
             // Position checksums come from the bytes in hand, never from reading the file
@@ -1107,8 +1107,18 @@ fn current_user() -> String {
 #[derive(Default)]
 struct ChunkSummary {
     count: u64,
-    last: Option<crate::model::LogRow>,
+    /// The chunk's last records (at most `activity::RECENT_LINES`), newest last.
+    recent: std::collections::VecDeque<crate::model::LogRow>,
     experiment_id: Option<uuid::Uuid>,
+}
+
+impl ChunkSummary {
+    fn keep(&mut self, row: crate::model::LogRow) {
+        if self.recent.len() >= crate::agent::activity::RECENT_LINES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(row);
+    }
 }
 
 /// Records what the daemon is doing for the metrics sampler and stall detector.
@@ -1119,9 +1129,14 @@ fn note_activity(
     progress: &[crate::model::ProgressRow],
     now: DateTime<Utc>,
 ) {
-    let Some(last) = &seen.last else { return };
+    let Some(last) = seen.recent.back() else {
+        return;
+    };
     let Ok(mut a) = activity.lock() else { return };
     let d = a.daemons.entry(daemon.to_string()).or_default();
+    for r in &seen.recent {
+        d.remember_line(r.level.as_str(), &r.message, r.traceback.as_deref());
+    }
     d.records_read += seen.count;
     d.last_read_at = Some(now);
     d.last_record_ts = Some(last.ts);

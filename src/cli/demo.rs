@@ -8,6 +8,7 @@ use super::out::{out, outln};
 use super::render;
 use super::Context;
 use crate::db::throwaway::Throwaway;
+use crate::db::typed::p;
 use crate::exit::Code;
 use anyhow::Context as _;
 use chrono::Utc;
@@ -24,6 +25,9 @@ pub struct Args {
     /// Keep the database and files after the demo until Ctrl-C, to explore with psql
     #[arg(long)]
     pub keep: bool,
+    /// Also serve the web view on loopback, and keep it up after the demo until Ctrl-C
+    #[arg(long)]
+    pub web: bool,
 }
 
 /// The simulated daemon's arguments (hidden command `demo-daemon`).
@@ -35,6 +39,9 @@ pub struct DaemonArgs {
     /// How long the whole simulated run takes
     #[arg(long, default_value = "16s", value_parser = humantime::parse_duration)]
     pub length: Duration,
+    /// A loopback port whose server never answers: the daemon hangs reading from it once
+    #[arg(long)]
+    pub hang_port: Option<u16>,
 }
 
 const DEMO_CONFIG: &str = r#"# Written by `pipewatch demo`.
@@ -110,13 +117,17 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let mut client = crate::db::connect(&target).await?;
     crate::db::migrate::apply(&mut client).await?;
     outln!("• schema migrated");
+    if args.web {
+        let addr = crate::web::spawn_local(target.clone()).await?;
+        outln!("• web view: http://{addr}/ (open it now to watch the progress move)");
+    }
 
     let experiment = Uuid::new_v4();
     let name = format!("demo-clustering-{}", Utc::now().format("%Y%m%d-%H%M%S"));
     client
-        .execute(
+        .execute_typed(
             "INSERT INTO experiments (id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&experiment, &name],
+            &[p(&experiment), p(&name)],
         )
         .await
         .context("creating the demo experiment")?;
@@ -136,6 +147,11 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let config = crate::config::load(&config_path)?;
     outln!("• agent config: {}", config_path.display());
 
+    // A server that accepts and never answers: the simulated daemon hangs on it once, and
+    // the agent's diagnosis names it.
+    let silent_server =
+        std::net::TcpListener::bind("127.0.0.1:0").context("binding the demo's silent server")?;
+    let hang_port = silent_server.local_addr()?.port();
     let exe = std::env::current_exe().context("locating the pipewatch binary")?;
     let length = args
         .duration
@@ -147,6 +163,8 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         .arg(dir.path())
         .arg("--length")
         .arg(humantime::format_duration(length).to_string())
+        .arg("--hang-port")
+        .arg(hang_port.to_string())
         .stdin(std::process::Stdio::null())
         .spawn()
         .map(KillOnDrop)
@@ -192,6 +210,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let _ = daemon.0.kill();
     let _ = daemon.0.wait();
     let summary = agent.await.context("the agent task failed")??;
+    drop(silent_server);
     if !terminal {
         let rows = crate::db::queries::progress_tree(&client, experiment).await?;
         out!("{}", render::progress_tree(&rows, Utc::now(), false));
@@ -210,7 +229,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     outln!("    SELECT ts, level, message FROM get_experiment_logs('{experiment}', p_level := 'WARNING');");
     outln!("    SELECT * FROM active_pipeline_monitoring;");
     outln!("  pipewatch --database-url '{url}' logs --experiment {name}");
-    if args.keep {
+    if args.keep || args.web {
         outln!("\nThe database and files are kept; press Ctrl-C to clean up and exit.");
         let _ = tokio::signal::ctrl_c().await;
     } else {
@@ -249,10 +268,10 @@ async fn print_report(
     };
     title("recent errors (recent_experiment_errors)")?;
     let rows = client
-        .query(
+        .query_typed(
             "SELECT ts, level, coalesce(node_id, '-'), coalesce(stage, '-'), message, traceback \
              FROM recent_experiment_errors WHERE experiment_id = $1 LIMIT 5",
-            &[&experiment],
+            &[p(&experiment)],
         )
         .await?;
     for r in &rows {
@@ -275,9 +294,9 @@ async fn print_report(
     }
     title("error summary (get_error_summary)")?;
     let rows = client
-        .query(
+        .query_typed(
             "SELECT message, count, first_seen, last_seen, nodes FROM get_error_summary($1)",
-            &[&experiment],
+            &[p(&experiment)],
         )
         .await?;
     for r in &rows {
@@ -295,7 +314,7 @@ async fn print_report(
     }
     title("events (pipeline_events)")?;
     let rows = client
-        .query(
+        .query_typed(
             "SELECT ts, severity, event_type, coalesce(message, '') FROM pipeline_events \
              WHERE host = 'demo-host' ORDER BY ts, id",
             &[],
@@ -308,13 +327,16 @@ async fn print_report(
         let msg: String = r.get(3);
         outln!("  {} {:<8} {:<18} {msg}", ts.format("%H:%M:%S"), sev, et);
     }
+    title("why was it stuck? (pipewatch why --experiment …)")?;
+    let since = Utc::now() - chrono::Duration::hours(1);
+    for l in super::why::verdict_lines(client, Some(experiment), since, 5).await? {
+        outln!("  {l}");
+    }
     title("metrics sample (pipeline_metrics)")?;
     let rows = client
-        .query(
+        .query_typed(
             "SELECT ts, daemon, pid, cpu_percent::float8, memory_rss_bytes::int8, records_per_sec::float8 \
-             FROM pipeline_metrics WHERE host = 'demo-host' ORDER BY ts DESC, id DESC LIMIT 6",
-            &[],
-        )
+             FROM pipeline_metrics WHERE host = 'demo-host' ORDER BY ts DESC, id DESC LIMIT 6", &[])
         .await?;
     outln!(
         "  {:<12} {:<10} {:>7} {:>7} {:>10} {:>10}",
@@ -422,8 +444,20 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<Code> {
         }
         busy(step(0.5));
     }
-    // The hang: alive, silent, idle.
-    std::thread::sleep(step(6.0));
+    // The hang: alive, silent, idle — reading from a server that never answers (or, without
+    // one, just asleep).
+    let hang = step(6.0);
+    let hung = args.hang_port.and_then(|port| {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(hang)).ok()?;
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf);
+        Some(())
+    });
+    if hung.is_none() {
+        std::thread::sleep(hang);
+    }
     emit(
         "warning",
         "MemoryError while merging clusters; retrying with smaller chunks",

@@ -25,6 +25,8 @@ pub mod run;
 pub mod sample;
 pub mod status;
 pub mod verify;
+pub mod web;
+pub mod why;
 
 /// The default config file.
 pub const DEFAULT_CONFIG: &str = "/etc/pipewatch/pipewatch.toml";
@@ -74,6 +76,10 @@ pub enum Command {
     Demo(demo::Args),
     /// Create or list experiments (rows that give an experiment id a name)
     Experiments(experiments::Args),
+    /// What a daemon is doing: a live diagnosis, or the last one stored for an experiment
+    Why(why::Args),
+    /// Serve a read-only web view of experiments, progress, resources, logs and agents
+    Web(web::Args),
     /// Print the man page (roff), generated from this command line
     #[command(hide = true)]
     Manpage,
@@ -90,6 +96,9 @@ pub struct Context {
     pub config_explicit: bool,
     /// `--database-url`.
     pub database_url_flag: Option<String>,
+    /// The subcommand's name: connections show as `pipewatch/<command>` in
+    /// `pg_stat_activity` (the agent's as `pipewatch/<host>`).
+    pub command: &'static str,
 }
 
 impl Context {
@@ -160,6 +169,7 @@ impl Context {
             db.and_then(|d| d.ca_file.as_deref()),
         )
         .map_err(|e| usage(format!("{e:#}")))?;
+        let target = target.with_application_name(&format!("pipewatch/{}", self.command));
         Ok(match db {
             Some(d) => target.with_limits(&d.limits),
             None => target,
@@ -174,12 +184,36 @@ impl Context {
     }
 }
 
+impl Command {
+    /// The subcommand as typed.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Run(_) => "run",
+            Command::Migrate(_) => "migrate",
+            Command::Verify(_) => "verify",
+            Command::CheckConfig(_) => "check-config",
+            Command::Logs(_) => "logs",
+            Command::Progress(_) => "progress",
+            Command::Errors(_) => "errors",
+            Command::Cleanup(_) => "cleanup",
+            Command::Status(_) => "status",
+            Command::Demo(_) => "demo",
+            Command::Experiments(_) => "experiments",
+            Command::Why(_) => "why",
+            Command::Web(_) => "web",
+            Command::Manpage => "manpage",
+            Command::DemoDaemon(_) => "demo-daemon",
+        }
+    }
+}
+
 /// Runs the chosen subcommand.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<Code> {
     let ctx = Context {
         config_explicit: cli.config.is_some(),
         config_path: cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG)),
         database_url_flag: cli.database_url,
+        command: cli.command.name(),
     };
     match cli.command {
         Command::Run(a) => run::execute(a, &ctx).await,
@@ -193,6 +227,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<Code> {
         Command::Status(a) => status::execute(a, &ctx).await,
         Command::Demo(a) => demo::execute(a, &ctx).await,
         Command::Experiments(a) => experiments::execute(a, &ctx).await,
+        Command::Why(a) => why::execute(a, &ctx).await,
+        Command::Web(a) => web::execute(a, &ctx).await,
         Command::Manpage => manpage::execute(),
         Command::DemoDaemon(a) => demo::run_daemon(a),
     }

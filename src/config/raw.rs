@@ -78,6 +78,8 @@ pub struct RawDaemon {
     pub disks: Vec<String>,
     pub stall_after: Option<String>,
     pub stall_cpu_percent: Option<f64>,
+    pub busy_stall_after: Option<String>,
+    pub stack_dump: Option<String>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
 }

@@ -159,6 +159,14 @@ pub fn describe(config: &Config, effective_url: Option<&str>) -> String {
             "  stall_after = {}",
             humantime::format_duration(d.stall_after)
         );
+        let _ = writeln!(
+            out,
+            "  busy_stall_after = {}",
+            humantime::format_duration(d.busy_stall_after)
+        );
+        if let Some(words) = &d.stack_dump {
+            let _ = writeln!(out, "  stack_dump = {words:?}");
+        }
         let _ = writeln!(out, "  rules = {}", d.rules.len());
         for line in d.rules.describe() {
             let _ = writeln!(out, "    {line}");

@@ -28,6 +28,8 @@ pub const DEFAULT_MAX_LINE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(10);
 /// Default `stall_after`.
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(300);
+/// Default `busy_stall_after`: this many times `stall_after`.
+pub const BUSY_STALL_FACTOR: u32 = 6;
 /// Default `stall_cpu_percent`: below this a process counts as idle.
 pub const DEFAULT_STALL_CPU_PERCENT: f64 = 2.0;
 
@@ -194,6 +196,12 @@ pub struct DaemonConfig {
     pub disks: Vec<PathBuf>,
     pub stall_after: Duration,
     pub stall_cpu_percent: f64,
+    /// No log output for this long while busy (CPU at or above `stall_cpu_percent`) is a
+    /// busy-loop stall.
+    pub busy_stall_after: Duration,
+    /// The stack dumper's words (`{pid}` not replaced yet), run when a stall opens and by
+    /// `pipewatch why`; `None`: off.
+    pub stack_dump: Option<Vec<String>>,
     pub rules: crate::agent::rules::Rules,
 }
 
@@ -787,6 +795,22 @@ impl Resolver<'_> {
                 DEFAULT_STALL_CPU_PERCENT
             }
         };
+        let busy_stall_after = self.duration(
+            s,
+            "busy_stall_after",
+            d.busy_stall_after.as_ref(),
+            stall_after.saturating_mul(BUSY_STALL_FACTOR),
+        );
+        let stack_dump = match &d.stack_dump {
+            None => None,
+            Some(v) => match crate::diagnose::stack::parse_stack_dump(v) {
+                Ok(words) => Some(words),
+                Err(reason) => {
+                    self.err(s, "stack_dump", Some(format!("{v:?}")), reason);
+                    None
+                }
+            },
+        };
         let rules = self.rules(name, &d.rules);
         Some(DaemonConfig {
             name: name.to_string(),
@@ -804,6 +828,8 @@ impl Resolver<'_> {
             disks: d.disks.iter().map(PathBuf::from).collect(),
             stall_after,
             stall_cpu_percent,
+            busy_stall_after,
+            stack_dump,
             rules: rules.unwrap_or_default(),
         })
     }

@@ -349,7 +349,6 @@ impl Pooler {
              auth_type = trust\nauth_file = {d}/userlist.txt\n\
              pool_mode = transaction\ndefault_pool_size = {pool_size}\nmin_pool_size = 0\n\
              reserve_pool_size = 0\nmax_client_conn = 2000\nmax_db_connections = 0\n\
-             ignore_startup_parameters = extra_float_digits\n\
              server_login_retry = 1\nserver_check_delay = 1\n\
              admin_users = postgres\nstats_users = postgres\n\
              logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n{extra}\n"

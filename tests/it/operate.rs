@@ -310,6 +310,7 @@ fn demo_runs_end_to_end_and_cleans_up() {
         "1× tile 61 failed",
         "daemon_started",
         "daemon_stalled",
+        "waiting_network: waiting on the network",
         "out_of_memory",
         "agent_stopped",
         "clusterer",

@@ -67,6 +67,9 @@ struct DaemonState {
     stall: StallDetector,
     /// The pid-file problem already logged, so it is logged once per change.
     pid_file_problem: Option<String>,
+    /// A `daemon_stalled` event whose diagnosis runs the stack dumper on its own thread (so
+    /// a slow dumper never delays other samples); shipped once done.
+    pending_stall: Option<std::thread::JoinHandle<EventRow>>,
 }
 
 /// Sampling state of the agent itself.
@@ -97,13 +100,18 @@ impl Watcher {
                 .into_iter()
                 .map(|cfg| DaemonState {
                     prev_records: (now, records_read(&snapshot, &cfg.name)),
-                    stall: StallDetector::new(cfg.stall_after, cfg.stall_cpu_percent),
+                    stall: StallDetector::new(
+                        cfg.stall_after,
+                        cfg.busy_stall_after,
+                        cfg.stall_cpu_percent,
+                    ),
                     cfg,
                     due: now,
                     prev: None,
                     prev_host_cpu: None,
                     lifecycle: Lifecycle::new(),
                     pid_file_problem: None,
+                    pending_stall: None,
                 })
                 .collect(),
             agent: AgentState {
@@ -244,6 +252,7 @@ impl Watcher {
             ..MetricRow::default()
         };
         let mut alive = None;
+        let mut counters = None;
         if discovery {
             let pids = table.tree(&roots);
             let reading = sampler::read_tree(&pids, now, uptime);
@@ -286,6 +295,7 @@ impl Watcher {
                 if let Some(fds) = usage.open_fds {
                     row.custom.insert("open_fds".into(), json!(fds));
                 }
+                counters = Some(tree_counters(&reading, clock));
             }
             d.prev = Some(reading);
         } else {
@@ -324,10 +334,63 @@ impl Watcher {
             cpu_percent: row.cpu_percent,
             last_read_at: act.last_read_at,
             progress: act.progress.clone(),
+            counters,
         };
         for t in d.stall.observe(&obs) {
-            tick.events
-                .push(stall_event(&host, &d.cfg, &act, &row, t, wall));
+            // The hook: a stall episode opens, so look at what the process is doing.
+            match (&t, d.lifecycle.current()) {
+                (Transition::DaemonStalled { .. }, Some(cur)) if d.cfg.stack_dump.is_some() => {
+                    let (cfg, act2, row2) = (d.cfg.clone(), act.clone(), row.clone());
+                    let (host2, pid) = (host.clone(), cur.pid);
+                    let cpu = row.cpu_percent;
+                    let again = t.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("pipewatch-why".into())
+                        .spawn(move || {
+                            let diagnosis =
+                                stall_diagnosis(&cfg, pid, &t, counters, cpu, clock, wall);
+                            stall_event(&host2, &cfg, &act2, &row2, t, wall, diagnosis)
+                        });
+                    // An earlier episode that ended with the process is shipped first.
+                    if let Some(h) = d.pending_stall.take() {
+                        tick.events.extend(h.join().ok());
+                    }
+                    match spawned {
+                        Ok(h) => d.pending_stall = Some(h),
+                        Err(error) => {
+                            tracing::warn!(daemon = %d.cfg.name, %error, "Cannot start the stack dump thread; the stall is stored without a diagnosis.");
+                            tick.events
+                                .push(stall_event(&host, &d.cfg, &act, &row, again, wall, None));
+                        }
+                    }
+                }
+                (Transition::DaemonStalled { .. }, Some(cur)) => {
+                    let diagnosis = stall_diagnosis(
+                        &d.cfg,
+                        cur.pid,
+                        &t,
+                        counters,
+                        row.cpu_percent,
+                        clock,
+                        wall,
+                    );
+                    tick.events
+                        .push(stall_event(&host, &d.cfg, &act, &row, t, wall, diagnosis));
+                }
+                _ => {
+                    // A recovery follows its stall: ship a pending one first.
+                    if let Some(h) = d.pending_stall.take() {
+                        tick.events.extend(h.join().ok());
+                    }
+                    tick.events
+                        .push(stall_event(&host, &d.cfg, &act, &row, t, wall, None));
+                }
+            }
+        }
+        if d.pending_stall.as_ref().is_some_and(|h| h.is_finished()) {
+            if let Some(h) = d.pending_stall.take() {
+                tick.events.extend(h.join().ok());
+            }
         }
         tick.metrics.push(row);
     }
@@ -442,6 +505,72 @@ fn ts(t: Option<DateTime<Utc>>) -> Value {
     t.map_or(Value::Null, |t| json!(t.to_rfc3339()))
 }
 
+/// The cumulative counters of a tree reading, for the stall detector.
+fn tree_counters(r: &TreeReading, clock: Clock) -> stall::Counters {
+    let mut c = stall::Counters::default();
+    for p in r.pids.values() {
+        c.cpu_ticks = c.cpu_ticks.saturating_add(p.stat.cpu_ticks);
+        c.rss_bytes = c
+            .rss_bytes
+            .saturating_add(p.stat.rss_pages.saturating_mul(clock.page_size));
+        if let Some(io) = p.io {
+            c.read_bytes = c.read_bytes.saturating_add(io.read_bytes);
+            c.write_bytes = c.write_bytes.saturating_add(io.write_bytes);
+        }
+    }
+    c
+}
+
+/// The diagnosis of a daemon whose stall episode just opened (what the silence cost comes
+/// from the detector's counters at its last moment of life).
+fn stall_diagnosis(
+    cfg: &DaemonConfig,
+    pid: u32,
+    t: &Transition,
+    now: Option<stall::Counters>,
+    cpu_percent: Option<f64>,
+    clock: Clock,
+    wall: DateTime<Utc>,
+) -> Option<crate::diagnose::Diagnosis> {
+    let Transition::DaemonStalled {
+        quiet_since,
+        busy,
+        then,
+    } = t
+    else {
+        return None;
+    };
+    let delta = |f: fn(&stall::Counters) -> u64| match (then, now) {
+        (Some(a), Some(b)) => Some(f(&b).saturating_sub(f(a))),
+        _ => None,
+    };
+    let silence = crate::diagnose::Silence {
+        since: Some(*quiet_since),
+        secs: (wall - *quiet_since).num_milliseconds() as f64 / 1000.0,
+        busy: *busy,
+        cpu_seconds: delta(|c| c.cpu_ticks).map(|t| t as f64 / clock.ticks_per_sec),
+        read_bytes: delta(|c| c.read_bytes),
+        write_bytes: delta(|c| c.write_bytes),
+        rss_bytes_then: then.map(|c| c.rss_bytes),
+        rss_bytes_now: now.map(|c| c.rss_bytes),
+    };
+    let d = crate::diagnose::take(
+        pid,
+        &crate::diagnose::Options {
+            // No extra window: the tick just measured the tree's CPU over its interval, and
+            // a diagnosis must not delay the other daemons' samples.
+            window: Duration::ZERO,
+            cpu_percent,
+            stack_dump: cfg.stack_dump.clone(),
+            silence: Some(silence),
+        },
+    );
+    if let Some(d) = &d {
+        tracing::info!(daemon = %cfg.name, pid, kind = d.verdict.kind.as_str(), "{}", d.verdict.verdict);
+    }
+    d
+}
+
 /// An event of a daemon, its context from the activity, else from the config.
 #[allow(clippy::too_many_arguments)]
 fn daemon_event(
@@ -486,21 +615,36 @@ fn lifecycle_event(
             format!("daemon {name} is running as pid {pid}"),
             json!({ "pid": pid }),
         ),
-        Change::Exited { pid } => daemon_event(
-            host,
-            cfg,
-            act,
-            wall,
-            "daemon_exited",
-            Level::Warning,
-            format!("daemon {name} (pid {pid}) exited"),
-            json!({
-                "pid": pid,
-                "last_record_ts": ts(act.last_record_ts),
-                "last_level": act.last_level.map(|l| l.as_str()),
-                "last_message": act.last_message,
-            }),
-        ),
+        Change::Exited { pid } => {
+            let last_lines: Vec<String> = act.recent_lines.iter().cloned().collect();
+            let (exit, how) = crate::diagnose::exit::explain(
+                pid,
+                crate::diagnose::exit::zombie_status(pid),
+                &last_lines,
+            );
+            let how = if how.is_empty() {
+                String::new()
+            } else {
+                format!(": {how}")
+            };
+            daemon_event(
+                host,
+                cfg,
+                act,
+                wall,
+                "daemon_exited",
+                Level::Warning,
+                format!("daemon {name} (pid {pid}) exited{how}"),
+                json!({
+                    "pid": pid,
+                    "last_record_ts": ts(act.last_record_ts),
+                    "last_level": act.last_level.map(|l| l.as_str()),
+                    "last_message": act.last_message,
+                    "exit": exit,
+                    "last_lines": last_lines,
+                }),
+            )
+        }
         Change::Restarted { pid, previous_pid } => daemon_event(
             host,
             cfg,
@@ -521,36 +665,59 @@ fn stall_event(
     row: &MetricRow,
     t: Transition,
     wall: DateTime<Utc>,
+    diagnosis: Option<crate::diagnose::Diagnosis>,
 ) -> EventRow {
     let name = &cfg.name;
     let after = humantime::format_duration(cfg.stall_after).to_string();
     let progress = act.progress.as_ref();
     match t {
-        Transition::DaemonStalled { quiet_since } => daemon_event(
-            host,
-            cfg,
-            act,
-            wall,
-            "daemon_stalled",
-            Level::Warning,
-            format!(
-                "daemon {name} has written nothing and used almost no CPU for {after}; last: {}",
-                act.last_message.as_deref().unwrap_or("(no record yet)")
-            ),
-            json!({
-                "pid": row.pid,
-                "quiet_since": quiet_since.to_rfc3339(),
-                "stall_after_secs": cfg.stall_after.as_secs_f64(),
-                "cpu_percent": row.cpu_percent,
-                "last_record_ts": ts(act.last_record_ts),
-                "last_level": act.last_level.map(|l| l.as_str()),
-                "last_message": act.last_message,
-                "last_stage": act.last_stage,
-                "last_node_id": act.last_node_id,
-                "progress_node_id": progress.map(|p| p.node_id.clone()),
-                "progress_percent": progress.and_then(|p| p.percent),
-            }),
-        ),
+        Transition::DaemonStalled {
+            quiet_since, busy, ..
+        } => {
+            let what = if busy {
+                format!(
+                    "has written nothing for {} while busy",
+                    humantime::format_duration(cfg.busy_stall_after)
+                )
+            } else {
+                format!("has written nothing and used almost no CPU for {after}")
+            };
+            let verdict = diagnosis
+                .as_ref()
+                .map(|d| format!(": {}", d.verdict.verdict))
+                .unwrap_or_default();
+            let mut e = daemon_event(
+                host,
+                cfg,
+                act,
+                wall,
+                "daemon_stalled",
+                Level::Warning,
+                format!(
+                    "daemon {name} {what}{verdict}; last: {}",
+                    act.last_message.as_deref().unwrap_or("(no record yet)")
+                ),
+                json!({
+                    "pid": row.pid,
+                    "quiet_since": quiet_since.to_rfc3339(),
+                    "stall_after_secs": cfg.stall_after.as_secs_f64(),
+                    "cpu_percent": row.cpu_percent,
+                    "last_record_ts": ts(act.last_record_ts),
+                    "last_level": act.last_level.map(|l| l.as_str()),
+                    "last_message": act.last_message,
+                    "last_stage": act.last_stage,
+                    "last_node_id": act.last_node_id,
+                    "progress_node_id": progress.map(|p| p.node_id.clone()),
+                    "progress_percent": progress.and_then(|p| p.percent),
+                    "busy": busy,
+                    "busy_stall_after_secs": cfg.busy_stall_after.as_secs_f64(),
+                }),
+            );
+            if let Some(d) = diagnosis {
+                e.details["diagnosis"] = d.json;
+            }
+            e
+        }
         Transition::ProgressStalled { node_id, since } => {
             let mut e = daemon_event(
                 host,

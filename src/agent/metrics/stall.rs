@@ -1,7 +1,8 @@
 //! Stall detection: a pure state machine per daemon, fed one observation per sample.
 //!
 //! A daemon *stalls* when it is alive but has written no log record and stayed below its
-//! CPU threshold for `stall_after`; its *progress stalls* when its running progress node has
+//! CPU threshold for `stall_after`, or has written nothing for `busy_stall_after` however
+//! busy its CPU was (a busy loop is a hang too); its *progress stalls* when its running progress node has
 //! not advanced for `stall_after` although records keep coming. Each episode yields one
 //! event, and one `daemon_recovered` when it moves again. No I/O and no clock: time comes in
 //! with each observation, so tests drive it with synthetic time.
@@ -22,13 +23,31 @@ pub struct Observation {
     pub last_read_at: Option<DateTime<Utc>>,
     /// Its last running progress node, as the shipper saw it.
     pub progress: Option<ProgressActivity>,
+    /// Its cumulative counters now, when read (kept from the last moment of life so an
+    /// episode can say what the silence cost).
+    pub counters: Option<Counters>,
+}
+
+/// Cumulative counters of a daemon's process tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub cpu_ticks: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub rss_bytes: u64,
 }
 
 /// What the machine decided at one observation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
-    /// Silent and idle for `stall_after`; `quiet_since` is when it last showed life.
-    DaemonStalled { quiet_since: DateTime<Utc> },
+    /// Silent and idle for `stall_after` (`busy` false; `quiet_since` is when it last showed
+    /// life), or silent for `busy_stall_after` while busy (`busy` true; `quiet_since` is its
+    /// last output). `then` holds the counters at `quiet_since`, when known.
+    DaemonStalled {
+        quiet_since: DateTime<Utc>,
+        busy: bool,
+        then: Option<Counters>,
+    },
     /// The progress node has not advanced since `since` although records keep coming.
     ProgressStalled {
         node_id: String,
@@ -45,23 +64,33 @@ pub enum Transition {
 #[derive(Debug, Clone)]
 pub struct StallDetector {
     stall_after: Duration,
+    busy_stall_after: Duration,
     cpu_threshold: f64,
     /// The last moment the daemon showed life (record read, CPU above threshold, start of
-    /// watching, or process (re)appearing).
-    last_active: Option<DateTime<Utc>>,
-    /// Set while a daemon stall episode is open: the `quiet_since` it reported.
-    daemon_stall: Option<DateTime<Utc>>,
+    /// watching, or process (re)appearing), and its counters then.
+    last_active: Option<(DateTime<Utc>, Option<Counters>)>,
+    /// The last moment it wrote something (or watching started), and its counters then.
+    last_output: Option<(DateTime<Utc>, Option<Counters>)>,
+    /// Set while a daemon stall episode is open: the `quiet_since` it reported and whether
+    /// it was a busy stall (which only output ends).
+    daemon_stall: Option<(DateTime<Utc>, bool)>,
     /// Set while a progress stall episode is open: its node and the `advanced_at` it saw.
     progress_stall: Option<(String, DateTime<Utc>)>,
 }
 
 impl StallDetector {
-    /// A detector for one daemon. `stall_after` beyond chrono's range is treated as never.
-    pub fn new(stall_after: std::time::Duration, cpu_threshold: f64) -> StallDetector {
+    /// A detector for one daemon. Durations beyond chrono's range are treated as never.
+    pub fn new(
+        stall_after: std::time::Duration,
+        busy_stall_after: std::time::Duration,
+        cpu_threshold: f64,
+    ) -> StallDetector {
         StallDetector {
             stall_after: Duration::from_std(stall_after).unwrap_or(Duration::MAX),
+            busy_stall_after: Duration::from_std(busy_stall_after).unwrap_or(Duration::MAX),
             cpu_threshold,
             last_active: None,
+            last_output: None,
             daemon_stall: None,
             progress_stall: None,
         }
@@ -77,29 +106,39 @@ impl StallDetector {
     }
 
     fn observe_daemon(&mut self, o: &Observation, out: &mut Vec<Transition>) {
-        let Some(alive) = o.alive else {
+        if o.alive != Some(true) {
+            // No process discovery, or a dead daemon: not stalled (an exit is reported
+            // elsewhere); when it comes back the quiet time starts afresh.
             self.last_active = None;
-            self.daemon_stall = None;
-            return;
-        };
-        if !alive {
-            // A dead daemon is not stalled (its exit is reported elsewhere); when it comes
-            // back the quiet time starts afresh.
-            self.last_active = None;
+            self.last_output = None;
             self.daemon_stall = None;
             return;
         }
         let busy = o.cpu_percent.is_some_and(|c| c >= self.cpu_threshold);
-        let mut active = self.last_active.unwrap_or(o.now);
-        if busy {
-            active = o.now;
-        }
-        if let Some(read) = o.last_read_at {
-            active = active.max(read.min(o.now));
-        }
+        let read = o.last_read_at.map(|r| r.min(o.now));
+        // A moment moves forward to `now` (busy) or to the last read; the counters are
+        // those of the observation that moved it.
+        let advance = |prev: Option<(DateTime<Utc>, Option<Counters>)>, now_too: bool| {
+            let mut t = prev.map_or(o.now, |(t, _)| t);
+            if now_too {
+                t = o.now;
+            }
+            if let Some(r) = read {
+                t = t.max(r);
+            }
+            match prev {
+                Some((p, c)) if p == t => (t, c),
+                _ => (t, o.counters),
+            }
+        };
+        let active = advance(self.last_active, busy);
+        let output = advance(self.last_output, false);
         self.last_active = Some(active);
+        self.last_output = Some(output);
         match self.daemon_stall {
-            Some(since) if active > since => {
+            Some((since, busy_episode))
+                if output.0 > since || (!busy_episode && active.0 > since) =>
+            {
                 self.daemon_stall = None;
                 out.push(Transition::Recovered {
                     from: "daemon_stalled",
@@ -108,10 +147,19 @@ impl StallDetector {
             }
             Some(_) => {}
             None => {
-                if o.now - active >= self.stall_after {
-                    self.daemon_stall = Some(active);
+                if o.now - active.0 >= self.stall_after {
+                    self.daemon_stall = Some((active.0, false));
                     out.push(Transition::DaemonStalled {
-                        quiet_since: active,
+                        quiet_since: active.0,
+                        busy: false,
+                        then: active.1,
+                    });
+                } else if o.now - output.0 >= self.busy_stall_after {
+                    self.daemon_stall = Some((output.0, true));
+                    out.push(Transition::DaemonStalled {
+                        quiet_since: output.0,
+                        busy: true,
+                        then: output.1,
                     });
                 }
             }
@@ -188,7 +236,11 @@ mod tests {
 
     /// Runs a scenario with `stall_after` = 60 s and a CPU threshold of 2 %.
     fn check(name: &str, steps: Vec<Step>) {
-        let mut d = StallDetector::new(std::time::Duration::from_secs(60), 2.0);
+        let mut d = StallDetector::new(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(300),
+            2.0,
+        );
         for s in steps {
             let o = Observation {
                 now: t(s.at),
@@ -203,6 +255,7 @@ mod tests {
                     items_done: None,
                     advanced_at: t(adv),
                 }),
+                counters: None,
             };
             assert_eq!(d.observe(&o), s.expect, "{name}: at t={}", s.at);
         }
@@ -211,6 +264,16 @@ mod tests {
     fn stalled(since: i64) -> Vec<Transition> {
         vec![Transition::DaemonStalled {
             quiet_since: t(since),
+            busy: false,
+            then: None,
+        }]
+    }
+
+    fn busy_stalled(since: i64) -> Vec<Transition> {
+        vec![Transition::DaemonStalled {
+            quiet_since: t(since),
+            busy: true,
+            then: None,
         }]
     }
 
@@ -244,6 +307,19 @@ mod tests {
                 step(100, true, 0.0, None, vec![]),
                 step(110, true, 0.0, None, stalled(50)),
                 step(120, true, 3.0, None, recovered("daemon_stalled", 50)),
+            ],
+        );
+        check(
+            "busy without output: a busy stall after busy_stall_after, ended only by output",
+            vec![
+                step(0, true, 95.0, Some(0), vec![]),
+                step(120, true, 99.0, Some(0), vec![]),
+                step(299, true, 99.0, Some(0), vec![]),
+                step(300, true, 99.0, Some(0), busy_stalled(0)),
+                step(330, true, 0.0, Some(0), vec![]),
+                step(400, true, 0.0, Some(0), vec![]),
+                step(410, true, 50.0, Some(405), recovered("daemon_stalled", 0)),
+                step(500, true, 50.0, Some(405), vec![]),
             ],
         );
         check(
@@ -319,6 +395,40 @@ mod tests {
             progress: Some((node, adv)),
             expect,
         }
+    }
+
+    #[test]
+    fn counters_come_from_the_last_moment_of_life() {
+        let mut d = StallDetector::new(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(300),
+            2.0,
+        );
+        let c = |cpu_ticks| Counters {
+            cpu_ticks,
+            ..Counters::default()
+        };
+        let mut o = |at, cpu, ticks| {
+            d.observe(&Observation {
+                now: t(at),
+                alive: Some(true),
+                cpu_percent: Some(cpu),
+                last_read_at: None,
+                progress: None,
+                counters: Some(c(ticks)),
+            })
+        };
+        assert_eq!(o(0, 0.0, 10), vec![]);
+        assert_eq!(o(30, 50.0, 40), vec![]);
+        assert_eq!(o(60, 0.0, 41), vec![]);
+        assert_eq!(
+            o(90, 0.0, 41),
+            vec![Transition::DaemonStalled {
+                quiet_since: t(30),
+                busy: false,
+                then: Some(c(40)),
+            }]
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 pub mod agent;
 pub mod nonroot;
 pub mod pg;
+pub mod pooler;
 pub mod proxy;
+pub mod web;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
