@@ -70,6 +70,9 @@ struct Opts {
     /// same-machine comparison).
     #[arg(long)]
     agent_bin: Option<PathBuf>,
+    /// `[batch] max_wait` of every agent (default: the agent's own default).
+    #[arg(long)]
+    max_wait: Option<String>,
 }
 
 const DAEMON: &str = "worker";
@@ -419,7 +422,13 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn start(bin: &Path, dir: &Path, n: usize, url: &str) -> anyhow::Result<Fleet> {
+    fn start(
+        bin: &Path,
+        dir: &Path,
+        n: usize,
+        url: &str,
+        max_wait: Option<&str>,
+    ) -> anyhow::Result<Fleet> {
         let mut fleet = Fleet {
             children: Vec::new(),
             files: Vec::new(),
@@ -432,10 +441,13 @@ impl Fleet {
             let file = adir.join("worker.jsonl");
             std::fs::File::create(&file)?;
             let config = adir.join("pipewatch.toml");
+            let batch = max_wait
+                .map(|w| format!("[batch]\nmax_wait = \"{w}\"\n\n"))
+                .unwrap_or_default();
             std::fs::write(
                 &config,
                 format!(
-                    "[agent]\nhost = \"{host}\"\n\n[daemons.{DAEMON}]\nlogs = [\"{}/*.jsonl\"]\n",
+                    "[agent]\nhost = \"{host}\"\n\n{batch}[daemons.{DAEMON}]\nlogs = [\"{}/*.jsonl\"]\n",
                     adir.display()
                 ),
             )?;
@@ -733,7 +745,7 @@ async fn one_run(
     let rundir = ctx.dir.join(format!("{mode}-{n}"));
     std::fs::create_dir_all(&rundir)?;
     println!("  {mode} {n}: starting {n} agents …");
-    let mut fleet = Fleet::start(&ctx.bin, &rundir, n, &agent_url)?;
+    let mut fleet = Fleet::start(&ctx.bin, &rundir, n, &agent_url, opts.max_wait.as_deref())?;
     let start_secs = wait_started(&db, n).await?;
     let (writer, join) = spawn_writer(fleet.files.clone(), opts.rate)?;
     // A few seconds to settle, then the window.
@@ -1183,7 +1195,7 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
     let (proxy_port, attempts) = start_proxy(cluster.port).await?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "pipewatch fleet benchmark: {} agents × {} lines/s, {} s windows, modes {:?}, outage {} s; {} CPUs; binary {}",
+        "pipewatch fleet benchmark: {} agents × {} lines/s, {} s windows, modes {:?}, outage {} s, max_wait {}; {} CPUs; binary {}",
         opts.agents
             .iter()
             .map(|n| n.to_string())
@@ -1193,6 +1205,7 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
         opts.secs,
         opts.modes,
         opts.outage_secs,
+        opts.max_wait.as_deref().unwrap_or("default"),
         cpus,
         bin.display()
     );

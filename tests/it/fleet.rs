@@ -231,3 +231,16 @@ fn maintenance_gives_up_on_a_busy_table_rather_than_stall_writers() {
         340
     );
 }
+
+/// The way to Citus stays open: pipeline_progress's keys include the distribution column.
+#[test]
+fn progress_keys_include_the_distribution_column() {
+    let env = Env::new();
+    assert_eq!(
+        env.sql(
+            "SELECT string_agg(pg_get_constraintdef(oid), ' | ' ORDER BY contype, conname) \
+             FROM pg_constraint WHERE conrelid = 'pipeline_progress'::regclass AND contype IN ('p', 'u')"
+        ),
+        "PRIMARY KEY (experiment_id, id) | UNIQUE (experiment_id, node_id)"
+    );
+}

@@ -1,4 +1,5 @@
--- 0012: partition maintenance that gives up on a lock rather than stall the writers.
+-- 0012: for fleets. (1) Partition maintenance that gives up on a lock rather than stall the
+-- writers; (2) a key that keeps the way to Citus open (docs/scaling.md).
 --
 -- Dropping a daily partition takes ACCESS EXCLUSIVE on its parent. Asked for while anything
 -- holds a lock on that parent (an operator's long report, a dump), the request waits in the
@@ -187,5 +188,28 @@ BEGIN
     EXECUTE format(
         'ALTER FUNCTION pipewatch_ensure_partitions(timestamptz, timestamptz) SET search_path = %I, pg_temp',
         current_schema());
+END
+$$;
+
+-- (2) Citus needs the distribution column (experiment_id, docs/scaling.md) in every primary
+-- key and unique constraint of a distributed table. pipeline_progress's other key,
+-- (experiment_id, node_id), has it already; its primary key was `id` alone. `id` stays unique
+-- (its sequence), and nothing looks a progress row up by `id` alone, so the key can include
+-- experiment_id now at no cost beyond a wider index on a small table. (The time-partitioned
+-- tables' keys (id, ts) would need experiment_id NOT NULL; that one costs, see the doc.)
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1
+          FROM pg_constraint
+         WHERE conrelid = 'pipeline_progress'::regclass
+           AND contype = 'p'
+           AND conkey = ARRAY[
+                 (SELECT attnum FROM pg_attribute WHERE attrelid = 'pipeline_progress'::regclass AND attname = 'experiment_id'),
+                 (SELECT attnum FROM pg_attribute WHERE attrelid = 'pipeline_progress'::regclass AND attname = 'id')]::int2[]
+    ) THEN
+        ALTER TABLE pipeline_progress DROP CONSTRAINT IF EXISTS pipeline_progress_pkey;
+        ALTER TABLE pipeline_progress ADD CONSTRAINT pipeline_progress_pkey PRIMARY KEY (experiment_id, id);
+    END IF;
 END
 $$;
