@@ -16,12 +16,13 @@
 -- when it returns; the count it returns) but now
 --   1. deletes the old rows of the partitions it keeps (and of the DEFAULT ones) first,
 --      which takes only ROW EXCLUSIVE and blocks no writer;
---   2. then locks the three parents and the partitions lying wholly before the cut-off in
---      one statement with lock_timeout = 100 ms, and drops them; at most 5 tries, 0.2–0.5 s
---      apart. A writer waits at most about 100 ms per parent per try (the request queued in
---      front of it) and the drop itself holds the lock for milliseconds until the commit
---      that follows at once (callers run it as a statement of its own, or as the last thing
---      of their transaction);
+--   2. then locks the partitions lying wholly before the cut-off (lock_timeout just past
+--      deadlock_timeout: nothing writes there, and autovacuum, woken by row deletes, gives
+--      way to a lock that waits that long), then the parents with lock_timeout = 150 ms, and
+--      drops the partitions; at most 3 tries, 0.2–0.5 s apart. A writer waits at most about
+--      150 ms per parent per try (the request queued in front of it) and the drop itself
+--      holds the lock for milliseconds until the commit that follows at once (callers run it
+--      as a statement of its own, or as the last thing of their transaction);
 --   3. when the locks cannot be had, deletes those partitions' rows instead (slow, but it
 --      never blocks a writer) and says so in a NOTICE; the empty partitions go next time.
 -- The rows of a dropped partition are counted before the locks are taken.
@@ -46,6 +47,8 @@ DECLARE
     v_try     integer;
     v_done    boolean := false;
     v_timeout text := current_setting('lock_timeout');
+    -- Just past deadlock_timeout, when autovacuum is told to give way.
+    v_part_wait text := (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000 + 200)::bigint || 'ms';
 BEGIN
     IF p_cutoff IS NULL THEN
         RAISE EXCEPTION 'pipewatch_cleanup_before: the cut-off must not be NULL'
@@ -83,27 +86,34 @@ BEGIN
     IF cardinality(v_drop) = 0 THEN
         RETURN v_total;
     END IF;
-    PERFORM set_config('lock_timeout', '100ms', true);
-    FOR v_try IN 1..5 LOOP
+    FOR v_try IN 1..3 LOOP
         BEGIN
-            -- The parents (ONLY: not their other partitions), in the order writers take them,
-            -- then the old partitions.
-            EXECUTE format('LOCK TABLE %s, %s IN ACCESS EXCLUSIVE MODE',
-                           (SELECT string_agg('ONLY ' || quote_ident(t), ', ') FROM unnest(v_parents) t),
+            -- The old partitions first: waiting for them blocks no writer (nothing writes
+            -- there), and waiting past deadlock_timeout makes autovacuum, which the row
+            -- deletes wake up on them, give way.
+            PERFORM set_config('lock_timeout', v_part_wait, true);
+            EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE',
                            (SELECT string_agg(quote_ident(t), ', ') FROM unnest(v_drop) t));
+            -- Then the parents (ONLY: not their other partitions), in the order writers take
+            -- them, each wait short: writers queue behind this request while it waits.
+            PERFORM set_config('lock_timeout', '150ms', true);
+            EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE',
+                           (SELECT string_agg('ONLY ' || quote_ident(t), ', ') FROM unnest(v_parents) t));
             EXECUTE format('DROP TABLE %s',
                            (SELECT string_agg(quote_ident(t), ', ') FROM unnest(v_drop) t));
             v_done := true;
             EXIT;
         EXCEPTION WHEN lock_not_available THEN
-            PERFORM pg_sleep(0.2 + random() * 0.3);
+            IF v_try < 3 THEN
+                PERFORM pg_sleep(0.2 + random() * 0.3);
+            END IF;
         END;
     END LOOP;
     PERFORM set_config('lock_timeout', v_timeout, true);
     IF v_done THEN
         RETURN v_total + v_counted;
     END IF;
-    RAISE NOTICE 'pipewatch: partitions % stay (their tables were busy for 5 tries of 100 ms); their old rows were deleted instead, the partitions go at the next cleanup',
+    RAISE NOTICE 'pipewatch: partitions % stay (their tables were busy for 3 tries); their old rows were deleted instead, the partitions go at the next cleanup',
         array_to_string(v_drop, ', ');
     FOREACH v_table IN ARRAY v_drop LOOP
         EXECUTE format('DELETE FROM %I WHERE ts < %L', v_table, p_cutoff);
