@@ -24,6 +24,7 @@ use futures_util::{pin_mut, SinkExt};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
@@ -226,13 +227,17 @@ pub fn attempt_deadline(
     query_timeout + transfer * passes + Duration::from_millis(10) * rows as u32
 }
 
-/// Session settings of the sink's connections, from `query_timeout`: a lock wait ends with an
-/// error (retried) instead of hanging, and the server itself ends a transaction whose
+/// Settings of each of the sink's transactions, from `query_timeout`: a lock wait ends with
+/// an error (retried) instead of hanging, and the server itself ends a transaction whose
 /// connection went silent, releasing the agent's row for the next attempt.
-fn session_settings(query_timeout: Duration) -> String {
+///
+/// `SET LOCAL`, sent first in every transaction, never a session `SET`: behind a pooler in
+/// transaction mode the next transaction may run on another server connection, and a session
+/// setting would leak to whichever client gets this one next.
+fn transaction_settings(query_timeout: Duration) -> String {
     let ms = query_timeout.as_millis();
     format!(
-        "SET lock_timeout = '{}ms'; SET idle_in_transaction_session_timeout = '{ms}ms'",
+        "SET LOCAL lock_timeout = '{}ms'; SET LOCAL idle_in_transaction_session_timeout = '{ms}ms'",
         ms / 2
     )
 }
@@ -271,7 +276,7 @@ impl Sink {
         let mut sorted = daemons.clone();
         sorted.sort();
         Sink {
-            target,
+            target: target.with_application_name(&format!("pipewatch/{host}")),
             client: None,
             conn_task: None,
             outage: None,
@@ -314,16 +319,6 @@ impl Sink {
                     })
                 }
             };
-            let limit = self.target.limits.query_timeout;
-            let settings = session_settings(limit);
-            let set = match tokio::time::timeout(limit, c.batch_execute(&settings)).await {
-                Ok(r) => r.map_err(Failure::from),
-                Err(_) => Err(Failure::silent(limit)),
-            };
-            if let Err(f) = set {
-                task.abort();
-                return Err(f);
-            }
             self.client = Some(c);
             self.conn_task = Some(task);
             self.note_reachable();
@@ -467,11 +462,13 @@ impl Sink {
         }
         self.last_partition_check = Some(Instant::now());
         let limit = self.target.limits.query_timeout;
+        let settings = transaction_settings(limit);
         if let Ok(client) = self.client().await {
-            let ensure = client.execute(
-                "SELECT pipewatch_ensure_partitions(now() - interval '1 day', now() + interval '3 days')",
-                &[],
+            // One message, so one implicit transaction: its settings apply to it alone.
+            let sql = format!(
+                "{settings}; SELECT pipewatch_ensure_partitions(now() - interval '1 day', now() + interval '3 days')"
             );
+            let ensure = client.batch_execute(&sql);
             match tokio::time::timeout(limit, ensure).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
@@ -706,8 +703,10 @@ impl Sink {
         let daemons = self.daemons.clone();
         let started_at = self.started_at;
         let details = self.agent_details();
+        let settings = transaction_settings(self.target.limits.query_timeout);
         let client = self.client().await?;
         let tx = client.transaction().await?;
+        tx.batch_execute(&settings).await?;
         // The lost-reply check, inside this attempt's transaction: the agent's row stays
         // locked until COMMIT, so no other attempt can commit in between.
         if lock_agent(&tx, &agent_id, &host, &daemons).await? == Some(batch_id) {
@@ -747,18 +746,18 @@ impl Sink {
         }
         upsert_checkpoints(&tx, &host, &batch.checkpoints).await?;
         let version = env!("CARGO_PKG_VERSION");
-        tx.execute(
+        tx.execute_typed(
             UPSERT_AGENT,
             &[
-                &agent_id,
-                &host,
-                &daemons,
-                &version,
-                &started_at,
-                &batch_id,
-                &(batch.logs.len() as i64),
-                &(quarantined.len() as i64),
-                &details,
+                (&agent_id, Type::TEXT),
+                (&host, Type::TEXT),
+                (&daemons, Type::TEXT_ARRAY),
+                (&version, Type::TEXT),
+                (&started_at, Type::TIMESTAMPTZ),
+                (&batch_id, Type::UUID),
+                (&(batch.logs.len() as i64), Type::INT8),
+                (&(quarantined.len() as i64), Type::INT8),
+                (&details, Type::JSONB),
             ],
         )
         .await?;
@@ -786,12 +785,20 @@ async fn lock_agent(
         }
         f
     };
-    let mut row = tx.query_opt(LOCK_AGENT, &[&agent_id]).await.map_err(busy)?;
+    let id: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] = [(&agent_id, Type::TEXT)];
+    let mut row = tx.query_typed_opt(LOCK_AGENT, &id).await.map_err(busy)?;
     if row.is_none() {
-        tx.execute(CREATE_AGENT, &[&agent_id, &host, &daemons])
-            .await
-            .map_err(busy)?;
-        row = tx.query_opt(LOCK_AGENT, &[&agent_id]).await.map_err(busy)?;
+        tx.execute_typed(
+            CREATE_AGENT,
+            &[
+                (&agent_id, Type::TEXT),
+                (&host, Type::TEXT),
+                (&daemons, Type::TEXT_ARRAY),
+            ],
+        )
+        .await
+        .map_err(busy)?;
+        row = tx.query_typed_opt(LOCK_AGENT, &id).await.map_err(busy)?;
     }
     match row {
         Some(row) => Ok(row.try_get::<_, Option<Uuid>>(0)?),
@@ -814,6 +821,11 @@ fn schema_hint(text: &str) -> String {
 const COPY_CHUNK: usize = 256 * 1024;
 
 /// Streams already encoded rows with one binary COPY.
+///
+/// `copy_in` needs a named prepared statement; it is prepared inside the caller's transaction
+/// and dropped when `copy_in` returns, which queues its Close behind the COPY data and before
+/// anything else the transaction sends (COMMIT included): it never outlives the transaction,
+/// so a pooler in transaction mode cannot hand it to another client.
 async fn copy_logs(tx: &Transaction<'_>, rows: &[EncodedRow]) -> Result<(), tokio_postgres::Error> {
     if rows.is_empty() {
         return Ok(());
@@ -1007,9 +1019,19 @@ async fn insert_events(
     let det: Vec<&Value> = rows.iter().map(|r| &r.details).collect();
     let host: Vec<&str> = rows.iter().map(|r| r.host.as_str()).collect();
     let daemon: Vec<&str> = rows.iter().map(|r| r.daemon.as_str()).collect();
-    tx.execute(
+    tx.execute_typed(
         INSERT_EVENTS,
-        &[&ts, &exp, &node, &et, &sev, &msg, &det, &host, &daemon],
+        &[
+            (&ts, Type::TIMESTAMPTZ_ARRAY),
+            (&exp, Type::UUID_ARRAY),
+            (&node, Type::TEXT_ARRAY),
+            (&et, Type::TEXT_ARRAY),
+            (&sev, Type::TEXT_ARRAY),
+            (&msg, Type::TEXT_ARRAY),
+            (&det, Type::JSONB_ARRAY),
+            (&host, Type::TEXT_ARRAY),
+            (&daemon, Type::TEXT_ARRAY),
+        ],
     )
     .await?;
     Ok(())
@@ -1040,10 +1062,23 @@ async fn insert_metrics(
         .iter()
         .map(|r| Value::Object(r.custom.clone()))
         .collect();
-    tx.execute(
+    tx.execute_typed(
         INSERT_METRICS,
         &[
-            &ts, &exp, &node, &host, &daemon, &pid, &cpu, &rss, &mem, &rd, &wr, &du, &rps, &custom,
+            (&ts, Type::TIMESTAMPTZ_ARRAY),
+            (&exp, Type::UUID_ARRAY),
+            (&node, Type::TEXT_ARRAY),
+            (&host, Type::TEXT_ARRAY),
+            (&daemon, Type::TEXT_ARRAY),
+            (&pid, Type::INT4_ARRAY),
+            (&cpu, Type::FLOAT8_ARRAY),
+            (&rss, Type::INT8_ARRAY),
+            (&mem, Type::FLOAT8_ARRAY),
+            (&rd, Type::FLOAT8_ARRAY),
+            (&wr, Type::FLOAT8_ARRAY),
+            (&du, Type::FLOAT8_ARRAY),
+            (&rps, Type::FLOAT8_ARRAY),
+            (&custom, Type::JSONB_ARRAY),
         ],
     )
     .await?;
@@ -1101,27 +1136,26 @@ async fn upsert_progress(
     if rows.is_empty() {
         return Ok(());
     }
-    let stmt = tx.prepare(UPSERT_PROGRESS).await?;
+    // Unnamed statements (no prepared statement outlives its use: pooler-safe).
     let futures = rows.iter().map(|up| {
         let r = &up.row;
         let u = &r.update;
-        let stmt = &stmt;
         async move {
-            tx.execute(
-                stmt,
+            tx.execute_typed(
+                UPSERT_PROGRESS,
                 &[
-                    &r.experiment_id,
-                    &u.node_id,
-                    &u.parent_node_id,
-                    &u.level,
-                    &u.name,
-                    &u.status,
-                    &u.percent,
-                    &u.items_done,
-                    &u.items_total,
-                    &r.updated_at,
-                    &u.details,
-                    &up.first_at,
+                    (&r.experiment_id, Type::UUID),
+                    (&u.node_id, Type::TEXT),
+                    (&u.parent_node_id, Type::TEXT),
+                    (&u.level, Type::TEXT),
+                    (&u.name, Type::TEXT),
+                    (&u.status, Type::TEXT),
+                    (&u.percent, Type::FLOAT8),
+                    (&u.items_done, Type::INT8),
+                    (&u.items_total, Type::INT8),
+                    (&r.updated_at, Type::TIMESTAMPTZ),
+                    (&u.details, Type::JSONB),
+                    (&up.first_at, Type::TIMESTAMPTZ),
                 ],
             )
             .await
@@ -1147,9 +1181,18 @@ async fn upsert_checkpoints(
     let hh: Vec<Option<&str>> = cps.iter().map(|c| c.head_hash.as_deref()).collect();
     let th: Vec<Option<&str>> = cps.iter().map(|c| c.tail_hash.as_deref()).collect();
     let st: Vec<&Value> = cps.iter().map(|c| &c.sticky).collect();
-    tx.execute(
+    tx.execute_typed(
         UPSERT_CHECKPOINTS,
-        &[&host, &d, &f, &p, &pos, &hh, &th, &st],
+        &[
+            (&host, Type::TEXT),
+            (&d, Type::TEXT_ARRAY),
+            (&f, Type::TEXT_ARRAY),
+            (&p, Type::TEXT_ARRAY),
+            (&pos, Type::INT8_ARRAY),
+            (&hh, Type::TEXT_ARRAY),
+            (&th, Type::TEXT_ARRAY),
+            (&st, Type::JSONB_ARRAY),
+        ],
     )
     .await?;
     Ok(())
@@ -1164,9 +1207,9 @@ pub async fn apply_retention(
 ) -> anyhow::Result<Option<i64>> {
     let client = crate::db::connect(target).await?;
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT pipewatch_apply_retention(make_interval(secs => $1::float8), $2)",
-            &[&seconds, &host],
+            &[(&seconds, Type::FLOAT8), (&host, Type::TEXT)],
         )
         .await?;
     Ok(row.get::<_, Option<i64>>(0))
@@ -1178,7 +1221,12 @@ pub async fn load_checkpoints(
     host: &str,
     daemon: &str,
 ) -> Result<Vec<crate::agent::identity::Mark>, tokio_postgres::Error> {
-    let rows = client.query(LOAD_CHECKPOINTS, &[&host, &daemon]).await?;
+    let rows = client
+        .query_typed(
+            LOAD_CHECKPOINTS,
+            &[(&host, Type::TEXT), (&daemon, Type::TEXT)],
+        )
+        .await?;
     Ok(rows
         .iter()
         .map(|r| crate::agent::identity::Mark {

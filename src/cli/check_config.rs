@@ -114,7 +114,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let mut refused = false;
     match ctx.db_target(Some(&config)) {
         Ok(target) => match crate::db::connect(&target).await {
-            Ok(mut client) => match client.query_one("SELECT version()", &[]).await {
+            Ok(mut client) => match client.query_typed_one("SELECT version()", &[]).await {
                 Ok(row) => {
                     let v: String = row.get(0);
                     outln!(

@@ -4,6 +4,7 @@
 
 use super::out::outln;
 use super::Context;
+use crate::db::typed::p;
 use crate::exit::{usage, Code};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -42,9 +43,9 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let client = ctx.connect().await?;
     // One cut-off from the server's clock, used for the counts and the deletion alike.
     let cutoff: DateTime<Utc> = client
-        .query_one(
+        .query_typed_one(
             "SELECT now() - make_interval(secs => $1::float8)",
-            &[&seconds],
+            &[p(&seconds)],
         )
         .await?
         .get(0);
@@ -54,9 +55,9 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         let mut total = 0i64;
         for table in ["pipeline_logs", "pipeline_events", "pipeline_metrics"] {
             let n: i64 = client
-                .query_one(
+                .query_typed_one(
                     &format!("SELECT count(*) FROM {table} WHERE ts < $1"),
-                    &[&cutoff],
+                    &[p(&cutoff)],
                 )
                 .await?
                 .get(0);
@@ -67,7 +68,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         return Ok(Code::Success);
     }
     let n: i64 = client
-        .query_one("SELECT pipewatch_cleanup_before($1)::int8", &[&cutoff])
+        .query_typed_one("SELECT pipewatch_cleanup_before($1)::int8", &[p(&cutoff)])
         .await?
         .get(0);
     outln!("deleted {n} log, event and metric rows older than {age} (before {shown})");

@@ -8,6 +8,7 @@ use super::out::{out, outln};
 use super::render;
 use super::Context;
 use crate::db::throwaway::Throwaway;
+use crate::db::typed::p;
 use crate::exit::Code;
 use anyhow::Context as _;
 use chrono::Utc;
@@ -114,9 +115,9 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let experiment = Uuid::new_v4();
     let name = format!("demo-clustering-{}", Utc::now().format("%Y%m%d-%H%M%S"));
     client
-        .execute(
+        .execute_typed(
             "INSERT INTO experiments (id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&experiment, &name],
+            &[p(&experiment), p(&name)],
         )
         .await
         .context("creating the demo experiment")?;
@@ -249,10 +250,10 @@ async fn print_report(
     };
     title("recent errors (recent_experiment_errors)")?;
     let rows = client
-        .query(
+        .query_typed(
             "SELECT ts, level, coalesce(node_id, '-'), coalesce(stage, '-'), message, traceback \
              FROM recent_experiment_errors WHERE experiment_id = $1 LIMIT 5",
-            &[&experiment],
+            &[p(&experiment)],
         )
         .await?;
     for r in &rows {
@@ -275,9 +276,9 @@ async fn print_report(
     }
     title("error summary (get_error_summary)")?;
     let rows = client
-        .query(
+        .query_typed(
             "SELECT message, count, first_seen, last_seen, nodes FROM get_error_summary($1)",
-            &[&experiment],
+            &[p(&experiment)],
         )
         .await?;
     for r in &rows {
@@ -295,7 +296,7 @@ async fn print_report(
     }
     title("events (pipeline_events)")?;
     let rows = client
-        .query(
+        .query_typed(
             "SELECT ts, severity, event_type, coalesce(message, '') FROM pipeline_events \
              WHERE host = 'demo-host' ORDER BY ts, id",
             &[],
@@ -310,11 +311,9 @@ async fn print_report(
     }
     title("metrics sample (pipeline_metrics)")?;
     let rows = client
-        .query(
+        .query_typed(
             "SELECT ts, daemon, pid, cpu_percent::float8, memory_rss_bytes::int8, records_per_sec::float8 \
-             FROM pipeline_metrics WHERE host = 'demo-host' ORDER BY ts DESC, id DESC LIMIT 6",
-            &[],
-        )
+             FROM pipeline_metrics WHERE host = 'demo-host' ORDER BY ts DESC, id DESC LIMIT 6", &[])
         .await?;
     outln!(
         "  {:<12} {:<10} {:>7} {:>7} {:>10} {:>10}",

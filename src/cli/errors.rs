@@ -4,6 +4,7 @@
 use super::out::outln;
 use super::render::paint;
 use super::Context;
+use crate::db::typed::p;
 use crate::exit::Code;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -37,25 +38,21 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
                 .await?
                 .unwrap_or_else(|| exp.to_string());
             client
-                .query(
+                .query_typed(
                     "SELECT message, count, first_seen, last_seen, nodes, sample_traceback, \
-                     max_level, $2::text FROM get_error_summary($1, $3) LIMIT $4",
-                    &[&exp, &label, &since, &args.limit],
-                )
+                     max_level, $2::text FROM get_error_summary($1, $3) LIMIT $4", &[p(&exp), p(&label), p(&since), p(&args.limit)])
                 .await?
         }
         None => {
             client
-                .query(
+                .query_typed(
                     "SELECT message, count(*), min(ts), max(ts), \
                      coalesce(array_agg(DISTINCT node_id) FILTER (WHERE node_id IS NOT NULL), '{}'), \
                      (array_agg(traceback ORDER BY ts DESC) FILTER (WHERE traceback IS NOT NULL))[1], \
                      max(level), \
                      coalesce(max(experiment_name), max(experiment_id::text), '-') \
                      FROM recent_experiment_errors WHERE ts >= $1 \
-                     GROUP BY message ORDER BY count(*) DESC, max(ts) DESC LIMIT $2",
-                    &[&since, &args.limit],
-                )
+                     GROUP BY message ORDER BY count(*) DESC, max(ts) DESC LIMIT $2", &[p(&since), p(&args.limit)])
                 .await?
         }
     };

@@ -4,6 +4,7 @@
 
 use super::out::outln;
 use super::Context;
+use crate::db::typed::p;
 use crate::exit::{usage, Code};
 use anyhow::Context as _;
 use uuid::Uuid;
@@ -52,13 +53,13 @@ async fn add(ctx: &Context, name: &str, id: Option<&str>) -> anyhow::Result<Code
     let mut client = ctx.connect().await?;
     let tx = client.transaction().await?;
     // Serialise concurrent adds so that the two checks below hold until commit.
-    tx.execute("LOCK TABLE experiments IN SHARE ROW EXCLUSIVE MODE", &[])
+    tx.execute_typed("LOCK TABLE experiments IN SHARE ROW EXCLUSIVE MODE", &[])
         .await
         .context("cannot lock the experiments table")?;
     if let Some(row) = tx
-        .query_opt(
+        .query_typed_opt(
             "SELECT id FROM experiments WHERE name = $1 LIMIT 1",
-            &[&name],
+            &[p(&name)],
         )
         .await?
     {
@@ -66,18 +67,18 @@ async fn add(ctx: &Context, name: &str, id: Option<&str>) -> anyhow::Result<Code
         anyhow::bail!("an experiment named {name:?} exists already (id {existing})");
     }
     if let Some(row) = tx
-        .query_opt(
+        .query_typed_opt(
             "SELECT coalesce(name::text, '') FROM experiments WHERE id = $1",
-            &[&id],
+            &[p(&id)],
         )
         .await?
     {
         let existing: String = row.get(0);
         anyhow::bail!("an experiment with id {id} exists already (named {existing:?})");
     }
-    tx.execute(
+    tx.execute_typed(
         "INSERT INTO experiments (id, name) VALUES ($1, $2)",
-        &[&id, &name],
+        &[p(&id), p(&name)],
     )
     .await
     .context("cannot insert into experiments")?;

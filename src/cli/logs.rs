@@ -5,6 +5,7 @@
 use super::out::stdout_error;
 use super::render::paint;
 use super::Context;
+use crate::db::typed::p;
 use crate::exit::{usage, Code};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
@@ -65,9 +66,9 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let level = args.level.as_ref().map(|l| l.to_ascii_uppercase());
     let newest: i64 = if args.follow {
         client
-            .query_one(
+            .query_typed_one(
                 "SELECT coalesce(max(id), 0) FROM pipeline_logs WHERE experiment_id = $1",
-                &[&experiment],
+                &[p(&experiment)],
             )
             .await?
             .get(0)
@@ -75,18 +76,18 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
         0
     };
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT {COLUMNS} FROM get_experiment_logs($1, p_level := $2, p_search := $3, \
                  p_limit := $4, p_since := $5, p_node_id := $6)"
             ),
             &[
-                &experiment,
-                &level,
-                &args.search,
-                &args.limit,
-                &since,
-                &args.node,
+                p(&experiment),
+                p(&level),
+                p(&args.search),
+                p(&args.limit),
+                p(&since),
+                p(&args.node),
             ],
         )
         .await?;
@@ -140,9 +141,15 @@ async fn follow(
             _ = stop.recv() => return Ok(Code::Success),
         }
         let rows = client
-            .query(
+            .query_typed(
                 &query,
-                &[&experiment, &last_id, &level, &search, &args.node],
+                &[
+                    p(&experiment),
+                    p(&last_id),
+                    p(&level),
+                    p(&search),
+                    p(&args.node),
+                ],
             )
             .await?;
         let mut out = std::io::stdout().lock();

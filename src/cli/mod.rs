@@ -90,6 +90,9 @@ pub struct Context {
     pub config_explicit: bool,
     /// `--database-url`.
     pub database_url_flag: Option<String>,
+    /// The subcommand's name: connections show as `pipewatch/<command>` in
+    /// `pg_stat_activity` (the agent's as `pipewatch/<host>`).
+    pub command: &'static str,
 }
 
 impl Context {
@@ -160,6 +163,7 @@ impl Context {
             db.and_then(|d| d.ca_file.as_deref()),
         )
         .map_err(|e| usage(format!("{e:#}")))?;
+        let target = target.with_application_name(&format!("pipewatch/{}", self.command));
         Ok(match db {
             Some(d) => target.with_limits(&d.limits),
             None => target,
@@ -174,12 +178,34 @@ impl Context {
     }
 }
 
+impl Command {
+    /// The subcommand as typed.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Run(_) => "run",
+            Command::Migrate(_) => "migrate",
+            Command::Verify(_) => "verify",
+            Command::CheckConfig(_) => "check-config",
+            Command::Logs(_) => "logs",
+            Command::Progress(_) => "progress",
+            Command::Errors(_) => "errors",
+            Command::Cleanup(_) => "cleanup",
+            Command::Status(_) => "status",
+            Command::Demo(_) => "demo",
+            Command::Experiments(_) => "experiments",
+            Command::Manpage => "manpage",
+            Command::DemoDaemon(_) => "demo-daemon",
+        }
+    }
+}
+
 /// Runs the chosen subcommand.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<Code> {
     let ctx = Context {
         config_explicit: cli.config.is_some(),
         config_path: cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG)),
         database_url_flag: cli.database_url,
+        command: cli.command.name(),
     };
     match cli.command {
         Command::Run(a) => run::execute(a, &ctx).await,

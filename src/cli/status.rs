@@ -88,7 +88,7 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let color = super::out::color_stdout();
     let now = Utc::now();
     outln!("{}", paint("agents", "1", color));
-    let agents = client.query(AGENTS, &[]).await?;
+    let agents = client.query_typed(AGENTS, &[]).await?;
     if agents.is_empty() {
         outln!("  no agent has committed anything yet");
     }
@@ -149,7 +149,7 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
     }
     outln!("\n{}", paint("tables", "1", color));
     let sizes = client
-        .query(
+        .query_typed(
             "SELECT c.relname, pg_size_pretty(CASE WHEN c.relkind = 'p' THEN \
                (SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::int8 FROM pg_inherits i WHERE i.inhparent = c.oid) \
                ELSE pg_total_relation_size(c.oid) END), \
@@ -157,9 +157,7 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') \
                AND (c.relname LIKE 'pipeline\\_%' OR c.relname LIKE 'pipewatch\\_%') AND NOT c.relispartition \
-             ORDER BY c.relname",
-            &[],
-        )
+             ORDER BY c.relname", &[])
         .await?;
     for r in &sizes {
         let name: String = r.get(0);
@@ -173,7 +171,7 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
         outln!("  {name:<30} {size:>10}  {p}");
     }
     let range = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT min(c.relname), max(c.relname) FROM pg_inherits i \
              JOIN pg_class c ON c.oid = i.inhrelid \
              WHERE i.inhparent = 'pipeline_logs'::regclass AND c.relname ~ '_p[0-9]{8}$'",
@@ -191,10 +189,8 @@ pub async fn execute(_args: Args, ctx: &Context) -> anyhow::Result<Code> {
     }
     outln!("\n{}", paint("migrations", "1", color));
     let migrations = client
-        .query(
-            "SELECT version, coalesce(name, ''), applied_at FROM pipewatch_schema_migrations ORDER BY version",
-            &[],
-        )
+        .query_typed(
+            "SELECT version, coalesce(name, ''), applied_at FROM pipewatch_schema_migrations ORDER BY version", &[])
         .await?;
     for r in &migrations {
         let v: String = r.get(0);

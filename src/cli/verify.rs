@@ -9,6 +9,7 @@ use super::out::outln;
 use super::Context;
 use crate::db::migrate::{self, State};
 use crate::db::schema::{self, Inventory, Kind};
+use crate::db::typed::p;
 use crate::exit::Code;
 use anyhow::{bail, ensure};
 use futures_util::SinkExt;
@@ -194,7 +195,7 @@ async fn run(client: &Client) -> anyhow::Result<Checklist> {
 async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
     // Fresh ids from the server (gen_random_uuid is built in since PostgreSQL 13).
     let ids = c
-        .query_one("SELECT gen_random_uuid(), gen_random_uuid()", &[])
+        .query_typed_one("SELECT gen_random_uuid(), gen_random_uuid()", &[])
         .await?;
     let (sample, tree): (Uuid, Uuid) = (ids.get(0), ids.get(1));
 
@@ -202,9 +203,9 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
         // The experiment row is optional (a real experiments table may demand more columns).
         c.batch_execute("SAVEPOINT pw_exp").await?;
         let named = c
-            .execute(
+            .execute_typed(
                 "INSERT INTO experiments (id, name) VALUES ($1, 'pipewatch verify')",
-                &[&sample],
+                &[p(&sample)],
             )
             .await;
         if named.is_err() {
@@ -228,16 +229,14 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
         c,
         "Progress aggregation trigger working (percent through 3 levels)",
         async {
-            c.execute(
+            c.execute_typed(
                 "INSERT INTO pipeline_progress (experiment_id, node_id, parent_node_id, level, status, progress_percent)
                  VALUES ($1, 'root', NULL, 'pipeline', 'pending', NULL),
                         ($1, 'pa', 'root', 'phase', 'pending', NULL),
                         ($1, 'pb', 'root', 'phase', 'pending', NULL),
                         ($1, 'a1', 'pa', 'step', 'completed', 100),
                         ($1, 'a2', 'pa', 'step', 'running', 50),
-                        ($1, 'b1', 'pb', 'step', 'pending', NULL)",
-                &[&tree],
-            )
+                        ($1, 'b1', 'pb', 'step', 'pending', NULL)", &[p(&tree)])
             .await?;
             let got = node_states(c, tree, &["pa", "pb", "root"]).await?;
             expect_eq(
@@ -258,21 +257,21 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
         c,
         "Status propagation: completed reaches the root",
         async {
-            c.execute(
+            c.execute_typed(
                 "UPDATE pipeline_progress SET status = 'completed', progress_percent = 100,
                     completed_at = now()
               WHERE experiment_id = $1 AND node_id IN ('a2', 'b1')",
-                &[&tree],
+                &[p(&tree)],
             )
             .await?;
             let got = node_states(c, tree, &["pa", "pb", "root"]).await?;
             let done = ("completed".to_string(), "100.00".to_string());
             expect_eq("pa, pb, root", got, vec![done.clone(), done.clone(), done])?;
             let completed_at: bool = c
-                .query_one(
+                .query_typed_one(
                     "SELECT completed_at IS NOT NULL FROM pipeline_progress
                   WHERE experiment_id = $1 AND node_id = 'root'",
-                    &[&tree],
+                    &[p(&tree)],
                 )
                 .await?
                 .get(0);
@@ -282,10 +281,10 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
     );
 
     check!(list, c, "Failure propagation", async {
-        c.execute(
+        c.execute_typed(
             "UPDATE pipeline_progress SET status = 'failed'
               WHERE experiment_id = $1 AND node_id = 'b1'",
-            &[&tree],
+            &[p(&tree)],
         )
         .await?;
         let got: Vec<String> = node_states(c, tree, &["pa", "pb", "root"])
@@ -304,17 +303,15 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
     });
 
     check!(list, c, "Missing parent rows are created", async {
-        c.execute(
+        c.execute_typed(
             "INSERT INTO pipeline_progress (experiment_id, node_id, parent_node_id, level, status, progress_percent)
-             VALUES ($1, 'orphan', 'ghost', 'step', 'running', 40)",
-            &[&tree],
-        )
+             VALUES ($1, 'orphan', 'ghost', 'step', 'running', 40)", &[p(&tree)])
         .await?;
         let row = c
-            .query_opt(
+            .query_typed_opt(
                 "SELECT name, level, status, progress_percent::text FROM pipeline_progress
                   WHERE experiment_id = $1 AND node_id = 'ghost'",
-                &[&tree],
+                &[p(&tree)],
             )
             .await?;
         let Some(row) = row else {
@@ -341,7 +338,10 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
         "get_progress_tree returns the tree depth first",
         async {
             let rows = c
-                .query("SELECT node_id, depth FROM get_progress_tree($1)", &[&tree])
+                .query_typed(
+                    "SELECT node_id, depth FROM get_progress_tree($1)",
+                    &[p(&tree)],
+                )
                 .await?;
             let got: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
             let want: Vec<(String, i32)> = [
@@ -369,9 +369,9 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
         async {
             let count = |level: Option<&'static str>, search: Option<&'static str>, limit: i32| async move {
                 let rows = c
-                    .query(
+                    .query_typed(
                         "SELECT level FROM get_experiment_logs($1, $2, $3, $4)",
-                        &[&sample, &level, &search, &limit],
+                        &[p(&sample), p(&level), p(&search), p(&limit)],
                     )
                     .await?;
                 anyhow::Ok(rows.len())
@@ -409,11 +409,11 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
             )?;
             expect_eq("p_limit => 3", count(None, None, 3).await?, 3)?;
             let newest: bool = c
-                .query_one(
+                .query_typed_one(
                     "SELECT bool_and(ok) FROM (
                     SELECT ts <= lag(ts) OVER () OR lag(ts) OVER () IS NULL AS ok
                       FROM get_experiment_logs($1)) s",
-                    &[&sample],
+                    &[p(&sample)],
                 )
                 .await?
                 .get(0);
@@ -424,10 +424,10 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
 
     check!(list, c, "get_error_summary groups errors", async {
         let rows = c
-            .query(
+            .query_typed(
                 "SELECT message, count, nodes, sample_traceback IS NOT NULL
                    FROM get_error_summary($1)",
-                &[&sample],
+                &[p(&sample)],
             )
             .await?;
         let got: Vec<(String, i64, Vec<String>, bool)> = rows
@@ -449,9 +449,9 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
 
     check!(list, c, "recent_experiment_errors view", async {
         let n: i64 = c
-            .query_one(
+            .query_typed_one(
                 "SELECT count(*) FROM recent_experiment_errors WHERE experiment_id = $1",
-                &[&sample],
+                &[p(&sample)],
             )
             .await?
             .get(0);
@@ -461,10 +461,10 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
 
     check!(list, c, "experiment_progress_summary view", async {
         let row = c
-            .query_opt(
+            .query_typed_opt(
                 "SELECT total_nodes, running_nodes, completed_nodes, overall_percent::text
                    FROM experiment_progress_summary WHERE experiment_id = $1",
-                &[&sample],
+                &[p(&sample)],
             )
             .await?;
         let Some(row) = row else {
@@ -481,11 +481,11 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
 
     check!(list, c, "active_pipeline_monitoring view", async {
         let row = c
-            .query_opt(
+            .query_typed_opt(
                 "SELECT records_last_hour, errors_last_hour, cpu_percent, running_nodes
                    FROM active_pipeline_monitoring
                   WHERE experiment_id = $1 AND host = 'pipewatch-test' AND daemon = 'test-data'",
-                &[&sample],
+                &[p(&sample)],
             )
             .await?;
         let Some(row) = row else {
@@ -506,25 +506,25 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
         "pipewatch_ensure_partitions moves rows out of the default partition",
         async {
             let ts = "now() + interval '20 days'";
-            c.execute(
+            c.execute_typed(
                 &format!(
                     "INSERT INTO pipeline_logs (ts, level, message, experiment_id)
                  VALUES ({ts}, 'INFO', 'future record', $1)"
                 ),
-                &[&sample],
+                &[p(&sample)],
             )
             .await?;
-            c.execute(
+            c.execute_typed(
                 &format!("SELECT pipewatch_ensure_partitions({ts}, {ts})"),
                 &[],
             )
             .await?;
             let row = c
-                .query_one(
+                .query_typed_one(
                     "SELECT tableoid::regclass::text,
                         'pipeline_logs_p' || to_char((ts AT TIME ZONE 'UTC')::date, 'YYYYMMDD')
                    FROM pipeline_logs WHERE experiment_id = $1 AND message = 'future record'",
-                    &[&sample],
+                    &[p(&sample)],
                 )
                 .await?;
             let (got, want): (String, String) = (row.get(0), row.get(1));
@@ -534,25 +534,23 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
     );
 
     check!(list, c, "cleanup_old_logs removes old rows", async {
-        c.execute(
+        c.execute_typed(
             "INSERT INTO pipeline_logs (ts, level, message, experiment_id)
              VALUES (now() - interval '4000 days', 'INFO', 'ancient', $1)",
-            &[&sample],
+            &[p(&sample)],
         )
         .await?;
-        c.execute(
+        c.execute_typed(
             "INSERT INTO pipeline_events (ts, experiment_id, event_type)
              VALUES (now() - interval '4000 days', $1, 'ancient')",
-            &[&sample],
+            &[p(&sample)],
         )
         .await?;
-        c.execute(
-            "INSERT INTO pipeline_metrics (ts, experiment_id) VALUES (now() - interval '4000 days', $1)",
-            &[&sample],
-        )
+        c.execute_typed(
+            "INSERT INTO pipeline_metrics (ts, experiment_id) VALUES (now() - interval '4000 days', $1)", &[p(&sample)])
         .await?;
         let removed: i64 = c
-            .query_one("SELECT cleanup_old_logs(3650)", &[])
+            .query_typed_one("SELECT cleanup_old_logs(3650)", &[])
             .await?
             .get(0);
         ensure!(
@@ -560,11 +558,11 @@ async fn data_checks(c: &Client, list: &mut Checklist) -> anyhow::Result<()> {
             "cleanup_old_logs(3650) returned {removed}, expected at least 3"
         );
         let left: i64 = c
-            .query_one(
+            .query_typed_one(
                 "SELECT (SELECT count(*) FROM pipeline_logs WHERE experiment_id = $1)
                       + (SELECT count(*) FROM pipeline_events WHERE experiment_id = $1)
                       + (SELECT count(*) FROM pipeline_metrics WHERE experiment_id = $1)",
-                &[&sample],
+                &[p(&sample)],
             )
             .await?
             .get(0);
@@ -593,10 +591,10 @@ async fn node_states(
     let mut out = Vec::new();
     for n in nodes {
         let row = c
-            .query_opt(
+            .query_typed_opt(
                 "SELECT status, coalesce(progress_percent::text, 'NULL') FROM pipeline_progress
                   WHERE experiment_id = $1 AND node_id = $2",
-                &[&experiment, n],
+                &[p(&experiment), p(n)],
             )
             .await?;
         match row {
@@ -611,7 +609,7 @@ async fn node_states(
 /// the role does not exist or this user may not act as it.
 async fn agent_role(c: &Client, experiment: Uuid) -> Body {
     let usable: bool = c
-        .query_one(
+        .query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pipewatch_agent')
                 AND pg_has_role(current_user, 'pipewatch_agent', 'USAGE')",
             &[],
@@ -623,7 +621,7 @@ async fn agent_role(c: &Client, experiment: Uuid) -> Body {
     }
     // COPY into a missing table leaves the connection's protocol state confused; ask first.
     let table: bool = c
-        .query_one("SELECT to_regclass('pipeline_logs') IS NOT NULL", &[])
+        .query_typed_one("SELECT to_regclass('pipeline_logs') IS NOT NULL", &[])
         .await?
         .get(0);
     ensure!(table, "pipeline_logs does not exist");
@@ -643,9 +641,9 @@ async fn agent_role(c: &Client, experiment: Uuid) -> Body {
         expect_eq("rows copied", n, 1)?;
         c.batch_execute("SAVEPOINT pw_delete").await?;
         let denied = c
-            .execute(
+            .execute_typed(
                 "DELETE FROM pipeline_logs WHERE experiment_id = $1",
-                &[&experiment],
+                &[p(&experiment)],
             )
             .await;
         c.batch_execute("ROLLBACK TO SAVEPOINT pw_delete").await?;

@@ -54,6 +54,8 @@ pub struct DbTarget {
     pub limits: ConnectionLimits,
     /// The limits the URL itself set (libpq parameters), which win over the config file.
     url_limits: UrlLimits,
+    /// Whether the URL named the `application_name` itself (then it is never replaced).
+    url_application_name: bool,
 }
 
 /// What the URL said about the limits; `None` where it said nothing.
@@ -105,7 +107,8 @@ impl DbTarget {
                 .copied()
                 .filter(|d| !d.is_zero()),
         };
-        if config.get_application_name().is_none() {
+        let url_application_name = config.get_application_name().is_some();
+        if !url_application_name {
             config.application_name("pipewatch");
         }
         if config.get_password().is_none() {
@@ -134,9 +137,23 @@ impl DbTarget {
             display,
             limits: ConnectionLimits::default(),
             url_limits,
+            url_application_name,
         };
         target.set_limits(&ConnectionLimits::default());
         Ok(target)
+    }
+
+    /// Names the connections in `pg_stat_activity` (e.g. `pipewatch/worker-07`), unless the
+    /// URL set `application_name` itself. PostgreSQL keeps 63 bytes of it; so does this.
+    pub fn with_application_name(mut self, name: &str) -> DbTarget {
+        if !self.url_application_name {
+            let mut end = name.len().min(63);
+            while !name.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.config.application_name(&name[..end]);
+        }
+        self
     }
 
     /// Applies the `[database]` limits; parameters the URL sets itself win.
@@ -353,6 +370,21 @@ mod tests {
         assert_eq!(rest, "host=h dbname=d");
         assert_eq!(mode, SslMode::Disable);
         assert!(extract_ssl("postgres://h/db?sslmode=bogus").is_err());
+    }
+
+    #[test]
+    fn application_name_unless_the_url_sets_it() {
+        let t = DbTarget::parse("postgres://u@h/db", None, None).expect("parses");
+        assert_eq!(t.config.get_application_name(), Some("pipewatch"));
+        let t = t.with_application_name("pipewatch/worker-07");
+        assert_eq!(t.config.get_application_name(), Some("pipewatch/worker-07"));
+        let long = format!("pipewatch/{}é", "h".repeat(52));
+        let t = t.with_application_name(&long);
+        assert_eq!(t.config.get_application_name().map(str::len), Some(62));
+        let t = DbTarget::parse("postgres://u@h/db?application_name=mine", None, None)
+            .expect("parses")
+            .with_application_name("pipewatch/worker-07");
+        assert_eq!(t.config.get_application_name(), Some("mine"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!
 //! This module does not print: it returns [`Report`]s for `cli::migrate` to show.
 
+use crate::db::typed::p;
 use anyhow::Context as _;
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
@@ -116,10 +117,10 @@ impl Report {
 async fn checksums(client: &impl GenericClient) -> anyhow::Result<Vec<String>> {
     let texts: Vec<&str> = MIGRATIONS.iter().map(|m| m.sql).collect();
     let rows = client
-        .query(
+        .query_typed(
             "SELECT encode(sha256(convert_to(t, 'UTF8')), 'hex')
                FROM unnest($1::text[]) WITH ORDINALITY AS u(t, n) ORDER BY n",
-            &[&texts],
+            &[p(&texts)],
         )
         .await
         .context("cannot compute migration checksums")?;
@@ -131,7 +132,7 @@ async fn recorded(
     client: &impl GenericClient,
 ) -> anyhow::Result<Option<std::collections::HashMap<String, String>>> {
     let exists: bool = client
-        .query_one(
+        .query_typed_one(
             "SELECT to_regclass('pipewatch_schema_migrations') IS NOT NULL",
             &[],
         )
@@ -141,7 +142,7 @@ async fn recorded(
         return Ok(None);
     }
     let rows = client
-        .query(
+        .query_typed(
             "SELECT version, checksum FROM pipewatch_schema_migrations",
             &[],
         )
@@ -194,9 +195,9 @@ pub async fn apply(client: &mut Client) -> anyhow::Result<Report> {
         let tx = client.transaction().await?;
         lock(&tx).await?;
         let row = tx
-            .query_opt(
+            .query_typed_opt(
                 "SELECT checksum FROM pipewatch_schema_migrations WHERE version = $1",
-                &[&m.version],
+                &[p(&m.version)],
             )
             .await?;
         let state = match row {
@@ -212,10 +213,10 @@ pub async fn apply(client: &mut Client) -> anyhow::Result<Report> {
                 tx.batch_execute(m.sql)
                     .await
                     .with_context(|| format!("migration {}_{}.sql failed", m.version, m.name))?;
-                tx.execute(
+                tx.execute_typed(
                     "INSERT INTO pipewatch_schema_migrations (version, name, checksum)
                      VALUES ($1, $2, $3)",
-                    &[&m.version, &m.name, &checksum],
+                    &[p(&m.version), p(&m.name), p(&checksum)],
                 )
                 .await?;
                 State::AppliedNow
@@ -243,10 +244,8 @@ pub async fn ensure_partitions_ahead(client: &mut Client) -> anyhow::Result<i32>
     let tx = client.transaction().await?;
     lock(&tx).await?;
     let n: i32 = tx
-        .query_one(
-            "SELECT pipewatch_ensure_partitions(now() - interval '1 day', now() + interval '7 days')",
-            &[],
-        )
+        .query_typed_one(
+            "SELECT pipewatch_ensure_partitions(now() - interval '1 day', now() + interval '7 days')", &[])
         .await
         .context("cannot create the daily partitions")?
         .get(0);
@@ -255,7 +254,7 @@ pub async fn ensure_partitions_ahead(client: &mut Client) -> anyhow::Result<i32>
 }
 
 async fn lock(tx: &impl GenericClient) -> anyhow::Result<()> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+    tx.execute_typed("SELECT pg_advisory_xact_lock($1)", &[p(&LOCK_KEY)])
         .await
         .context("cannot take the migration lock")?;
     Ok(())
@@ -304,9 +303,9 @@ pub async fn list_experiments(
     limit: i64,
 ) -> anyhow::Result<Vec<Experiment>> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT id, coalesce(name::text, '') FROM experiments ORDER BY id LIMIT $1",
-            &[&limit],
+            &[p(&limit)],
         )
         .await
         .context("cannot list experiments")?;
@@ -325,9 +324,9 @@ pub async fn find_experiment(
     id: Uuid,
 ) -> anyhow::Result<Option<Experiment>> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT id, coalesce(name::text, '') FROM experiments WHERE id = $1",
-            &[&id],
+            &[p(&id)],
         )
         .await
         .context("cannot read experiments")?;
@@ -397,12 +396,12 @@ pub async fn insert_test_data(
     // Progress: the tree's upper rows first (so they carry names), then the steps.
     for sql in [TEST_PARENTS_SQL, TEST_STEPS_SQL] {
         client
-            .execute(sql, &[&experiment_id])
+            .execute_typed(sql, &[p(&experiment_id)])
             .await
             .context("cannot insert test progress")?;
     }
     let logs = client
-        .execute(
+        .execute_typed(
             r#"INSERT INTO pipeline_logs (ts, level, message, logger, experiment_id, node_id, stage,
                                          context, traceback, metrics, host, daemon, source)
                SELECT now() - make_interval(mins => m), lvl, msg, lg, $1, node, stage,
@@ -421,13 +420,11 @@ pub async fn insert_test_data(
                     E'Traceback (most recent call last):\n  File "/opt/geo/kmeans.py", line 88, in load_tile\n    data = np.load(path)\nMemoryError: Unable to allocate 2.1 GiB', NULL),
                    (6, 'INFO', 'Retrying tile 93 with a smaller chunk size', 'geo.kmeans', 'cluster.kmeans', 'clustering', NULL, NULL),
                    (5, 'INFO', 'Processed 75/120 tiles', 'geo.kmeans', 'cluster.kmeans', 'clustering', NULL, '{"tiles_per_sec": 0.8}')
-                 ) AS v(m, lvl, msg, lg, node, stage, tb, met)"#,
-            &[&experiment_id],
-        )
+                 ) AS v(m, lvl, msg, lg, node, stage, tb, met)"#, &[p(&experiment_id)])
         .await
         .context("cannot insert test logs")?;
     let events = client
-        .execute(
+        .execute_typed(
             r#"INSERT INTO pipeline_events (ts, experiment_id, node_id, event_type, severity, message,
                                            details, host, daemon)
                SELECT now() - make_interval(mins => m), $1, node, et, sev, msg, det::jsonb,
@@ -436,13 +433,11 @@ pub async fn insert_test_data(
                    (55, 'geo_pipeline', 'daemon_started', 'INFO', 'Daemon test-data started', '{"pid": 4242}'),
                    (36, 'cluster.features', 'stage_completed', 'INFO', 'Feature extraction finished', '{"tiles": 120}'),
                    (12, 'cluster.kmeans', 'out_of_memory', 'CRITICAL', 'MemoryError while loading tile 93', '{"tile": 93}')
-                 ) AS v(m, node, et, sev, msg, det)"#,
-            &[&experiment_id],
-        )
+                 ) AS v(m, node, et, sev, msg, det)"#, &[p(&experiment_id)])
         .await
         .context("cannot insert test events")?;
     let metrics = client
-        .execute(
+        .execute_typed(
             r#"INSERT INTO pipeline_metrics (ts, experiment_id, node_id, host, daemon, pid, cpu_percent,
                                             memory_rss_bytes, memory_percent,
                                             disk_read_bytes_per_sec, disk_write_bytes_per_sec,
@@ -451,15 +446,13 @@ pub async fn insert_test_data(
                       'test-data', 4242, 85 + m, (2.0 + m / 10.0) * 1073741824, 25 + m / 2.0,
                       1048576 * m, 524288, 61.5, 0.8,
                       jsonb_build_object('test_data', true)
-                 FROM generate_series(0, 50, 10) AS m"#,
-            &[&experiment_id],
-        )
+                 FROM generate_series(0, 50, 10) AS m"#, &[p(&experiment_id)])
         .await
         .context("cannot insert test metrics")?;
     let nodes: i64 = client
-        .query_one(
+        .query_typed_one(
             "SELECT count(*) FROM pipeline_progress WHERE experiment_id = $1",
-            &[&experiment_id],
+            &[p(&experiment_id)],
         )
         .await?
         .get(0);

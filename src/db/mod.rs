@@ -7,6 +7,7 @@ pub mod queries;
 pub mod schema;
 pub mod throwaway;
 pub mod tls;
+pub mod typed;
 pub mod usable;
 
 pub use connect::{connect, DbTarget};

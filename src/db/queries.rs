@@ -2,6 +2,7 @@
 //!
 //! Read-only; every value from a user goes in as a parameter, never as SQL text.
 
+use crate::db::typed::p;
 use chrono::{DateTime, Utc};
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -24,11 +25,11 @@ pub struct TreeRow {
 /// The experiment's progress tree, depth-first.
 pub async fn progress_tree(client: &Client, experiment: Uuid) -> anyhow::Result<Vec<TreeRow>> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT node_id, parent_node_id, depth::int4, level::text, name::text, status::text, \
              progress_percent::float8, items_done::int8, items_total::int8, updated_at \
              FROM get_progress_tree($1)",
-            &[&experiment],
+            &[p(&experiment)],
         )
         .await?;
     Ok(rows
@@ -54,22 +55,22 @@ pub async fn progress_tree(client: &Client, experiment: Uuid) -> anyhow::Result<
 pub async fn resolve_experiment(client: &Client, id_or_name: &str) -> anyhow::Result<Option<Uuid>> {
     if let Ok(u) = Uuid::parse_str(id_or_name) {
         let known: bool = client
-            .query_one(
+            .query_typed_one(
                 "SELECT EXISTS (SELECT 1 FROM experiments WHERE id = $1) \
                      OR EXISTS (SELECT 1 FROM pipeline_logs WHERE experiment_id = $1) \
                      OR EXISTS (SELECT 1 FROM pipeline_progress WHERE experiment_id = $1) \
                      OR EXISTS (SELECT 1 FROM pipeline_events WHERE experiment_id = $1) \
                      OR EXISTS (SELECT 1 FROM pipeline_metrics WHERE experiment_id = $1)",
-                &[&u],
+                &[p(&u)],
             )
             .await?
             .get(0);
         return Ok(known.then_some(u));
     }
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT id FROM experiments WHERE name = $1 LIMIT 1",
-            &[&id_or_name],
+            &[p(&id_or_name)],
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
@@ -78,9 +79,9 @@ pub async fn resolve_experiment(client: &Client, id_or_name: &str) -> anyhow::Re
 /// The experiment's name, when it has an experiments row with one.
 pub async fn experiment_name(client: &Client, id: Uuid) -> anyhow::Result<Option<String>> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT name::text FROM experiments WHERE id = $1 AND name IS NOT NULL",
-            &[&id],
+            &[p(&id)],
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
@@ -94,29 +95,25 @@ pub async fn some_experiments(
 ) -> anyhow::Result<Vec<(Uuid, Option<String>)>> {
     // The real database's experiments table may lack created_at.
     let rows = match client
-        .query(
-            "SELECT id, name::text FROM experiments ORDER BY created_at DESC NULLS LAST, id LIMIT $1",
-            &[&limit],
-        )
+        .query_typed(
+            "SELECT id, name::text FROM experiments ORDER BY created_at DESC NULLS LAST, id LIMIT $1", &[p(&limit)])
         .await
     {
         Ok(rows) => rows,
         Err(_) => {
             client
-                .query(
-                    "SELECT id, name::text FROM experiments ORDER BY id LIMIT $1",
-                    &[&limit],
-                )
+                .query_typed(
+                    "SELECT id, name::text FROM experiments ORDER BY id LIMIT $1", &[p(&limit)])
                 .await?
         }
     };
     let mut out: Vec<(Uuid, Option<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     if (out.len() as i64) < limit {
         let rows = client
-            .query(
+            .query_typed(
                 "SELECT DISTINCT experiment_id FROM pipeline_progress \
                  WHERE experiment_id NOT IN (SELECT id FROM experiments) LIMIT $1",
-                &[&(limit - out.len() as i64)],
+                &[p(&(limit - out.len() as i64))],
             )
             .await?;
         out.extend(rows.iter().map(|r| (r.get(0), None)));

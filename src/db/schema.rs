@@ -3,6 +3,7 @@
 //! Used by `migrate --check-only`, by `migrate` (to say what it created) and by `verify`.
 //! Never changes the database.
 
+use crate::db::typed::p;
 use anyhow::Context as _;
 use tokio_postgres::GenericClient;
 
@@ -133,17 +134,17 @@ pub async fn inspect(client: &impl GenericClient) -> anyhow::Result<Inventory> {
     }
     for f in FUNCTIONS.iter().chain(HELPER_FUNCTIONS) {
         let present: bool = client
-            .query_one("SELECT to_regprocedure($1) IS NOT NULL", &[f])
+            .query_typed_one("SELECT to_regprocedure($1) IS NOT NULL", &[p(f)])
             .await
             .with_context(|| format!("cannot look up function {f}"))?
             .get(0);
         items.push(item(Kind::Function, f, present, true));
     }
     let trigger: bool = client
-        .query_one(
+        .query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM pg_trigger
                              WHERE tgname = $1 AND tgrelid = to_regclass('pipeline_progress'))",
-            &[&TRIGGER],
+            &[p(&TRIGGER)],
         )
         .await
         .context("cannot look up the progress trigger")?
@@ -156,7 +157,7 @@ pub async fn inspect(client: &impl GenericClient) -> anyhow::Result<Inventory> {
     ));
     // The DEFAULT partition and today's daily partition of each partitioned table.
     let today: String = client
-        .query_one(
+        .query_typed_one(
             "SELECT to_char((now() AT TIME ZONE 'UTC')::date, 'YYYYMMDD')",
             &[],
         )
@@ -165,11 +166,11 @@ pub async fn inspect(client: &impl GenericClient) -> anyhow::Result<Inventory> {
     for t in PARTITIONED {
         for part in [format!("{t}_default"), format!("{t}_p{today}")] {
             let present: bool = client
-                .query_one(
+                .query_typed_one(
                     "SELECT EXISTS (SELECT 1 FROM pg_inherits
                                      WHERE inhrelid = to_regclass($1)
                                        AND inhparent = to_regclass($2))",
-                    &[&part, t],
+                    &[p(&part), p(t)],
                 )
                 .await
                 .context("cannot look up partitions")?
@@ -179,9 +180,9 @@ pub async fn inspect(client: &impl GenericClient) -> anyhow::Result<Inventory> {
     }
     for r in ROLES {
         let present: bool = client
-            .query_one(
+            .query_typed_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
-                &[r],
+                &[p(r)],
             )
             .await
             .context("cannot look up roles")?
@@ -207,10 +208,10 @@ async fn relation_exists(
 ) -> anyhow::Result<bool> {
     let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM pg_class
                              WHERE oid = to_regclass($1) AND relkind::text = ANY ($2))",
-            &[&name, &kinds],
+            &[p(&name), p(&kinds)],
         )
         .await
         .with_context(|| format!("cannot look up {name}"))?;

@@ -7,6 +7,7 @@
 //! Returns findings; never prints, never commits.
 
 use super::migrate::{self, State};
+use crate::db::typed::p;
 use bytes::Bytes;
 use futures_util::SinkExt;
 use tokio_postgres::Client;
@@ -140,7 +141,7 @@ pub async fn check(client: &mut Client, host: &str, retention: bool) -> Vec<Find
 
 async fn role(client: &Client) -> String {
     client
-        .query_one("SELECT current_user::text", &[])
+        .query_typed_one("SELECT current_user::text", &[])
         .await
         .map(|r| r.get::<_, String>(0))
         .unwrap_or_else(|_| "this role".to_string())
@@ -164,7 +165,7 @@ async fn privileges(client: &mut Client, host: &str, retention: bool) -> Vec<Fin
     // COPY can leave the connection unusable, so the privilege is asked first.
     tried.push("COPY into pipeline_logs");
     let may_insert = tx
-        .query_one("SELECT has_table_privilege('pipeline_logs', 'INSERT')", &[])
+        .query_typed_one("SELECT has_table_privilege('pipeline_logs', 'INSERT')", &[])
         .await
         .map(|r| r.get::<_, bool>(0));
     match may_insert {
@@ -190,7 +191,7 @@ async fn privileges(client: &mut Client, host: &str, retention: bool) -> Vec<Fin
         tried.push(what);
         let result = async {
             tx.batch_execute("SAVEPOINT pw_probe").await?;
-            tx.execute(*sql, &[&host]).await
+            tx.execute_typed(sql, &[p(&host)]).await
         }
         .await;
         if let Err(e) = result {
@@ -201,10 +202,8 @@ async fn privileges(client: &mut Client, host: &str, retention: bool) -> Vec<Fin
     if retention {
         tried.push("apply retention");
         let allowed = tx
-            .query_one(
-                "SELECT has_function_privilege('pipewatch_apply_retention(interval,text,interval)', 'EXECUTE')",
-                &[],
-            )
+            .query_typed_one(
+                "SELECT has_function_privilege('pipewatch_apply_retention(interval,text,interval)', 'EXECUTE')", &[])
             .await
             .map(|r| r.get::<_, bool>(0));
         match allowed {

@@ -14,6 +14,7 @@ mod metrics;
 mod migrate;
 mod operate;
 mod packaging;
+mod pooler;
 mod privileges;
 mod records;
 mod regression;

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod nonroot;
 pub mod pg;
+pub mod pooler;
 pub mod proxy;
 
 use std::path::PathBuf;
