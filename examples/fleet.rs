@@ -23,7 +23,7 @@ mod common;
 use anyhow::{anyhow, bail, Context as _};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Parser;
-use pipewatch::db::throwaway::Throwaway;
+use pipewatch::db::throwaway::{Pooler, Throwaway};
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -58,7 +58,7 @@ struct Opts {
     #[arg(long, default_value_t = 1)]
     maintenance: u8,
     /// Seconds the slow operator query holds its lock during maintenance.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 6)]
     reader_secs: u64,
     /// The longest wait for the fleet to catch up (after a window or the outage).
     #[arg(long, default_value_t = 180)]
@@ -247,95 +247,6 @@ impl Attempts {
             counts.values().copied().max().unwrap_or(0)
         };
         (v.len(), v.len() as f64 / secs, bucket(1.0), bucket(0.1))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// pgbouncer (pooled mode)
-// ---------------------------------------------------------------------------------------------
-
-/// A pgbouncer in transaction mode in front of the cluster, run as `postgres` when we are
-/// root (pgbouncer refuses root).
-struct Bouncer {
-    child: Child,
-    port: u16,
-}
-
-impl Bouncer {
-    fn start(dir: &Path, pg_port: u16, pool_size: u32, max_clients: usize) -> anyhow::Result<Self> {
-        let exe = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .ok_or_else(|| anyhow!("pgbouncer not found (Debian: apt-get install pgbouncer)"))?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let bdir = dir.join("pgbouncer");
-        std::fs::create_dir_all(&bdir)?;
-        std::fs::write(bdir.join("users.txt"), "\"postgres\" \"\"\n")?;
-        let ini = format!(
-            "[databases]\n* = host=127.0.0.1 port={pg_port}\n\n[pgbouncer]\n\
-             listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
-             auth_type = trust\nauth_file = {users}\npool_mode = transaction\n\
-             default_pool_size = {pool_size}\nmin_pool_size = 0\nreserve_pool_size = 0\n\
-             max_client_conn = {clients}\nmax_db_connections = {pool_size}\n\
-             ignore_startup_parameters = extra_float_digits,options\n\
-             server_reset_query =\nlogfile = {log}\n",
-            users = bdir.join("users.txt").display(),
-            clients = max_clients + 50,
-            log = bdir.join("pgbouncer.log").display(),
-        );
-        let ini_path = bdir.join("pgbouncer.ini");
-        std::fs::write(&ini_path, ini)?;
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() == 0 };
-        let mut cmd = if root {
-            let st = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&bdir)
-                .status()?;
-            if !st.success() {
-                bail!("chown postgres {} failed", bdir.display());
-            }
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
-            c
-        } else {
-            Command::new(&exe)
-        };
-        let child = cmd
-            .arg(&ini_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start pgbouncer")?;
-        let by = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > by {
-                bail!("pgbouncer did not listen within 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Bouncer { child, port })
-    }
-}
-
-impl Drop for Bouncer {
-    fn drop(&mut self) {
-        // runuser forwards SIGTERM to pgbouncer.
-        // SAFETY: signalling the child we started.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let by = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < by {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -732,11 +643,8 @@ async fn one_run(
             ctx.proxy_port
         ),
         "pooled" => {
-            let b = Bouncer::start(&ctx.dir, ctx.cluster.port, opts.pool_size, n)?;
-            let u = format!(
-                "postgres://postgres@127.0.0.1:{}/{name}?sslmode=disable",
-                b.port
-            );
+            let b = Pooler::start(ctx.cluster.port, opts.pool_size, &[])?;
+            let u = b.url(&name);
             bouncer = Some(b);
             u
         }
@@ -997,15 +905,6 @@ async fn maintenance_phase(ctx: &Ctx, opts: &Opts, url: &str) -> anyhow::Result<
     // the same slow query running.
     let reader = spawn_reader(url.to_string(), opts.reader_secs);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let c0 = Instant::now();
-    let created: i32 = db
-        .query_one(
-            "SELECT pipewatch_ensure_partitions(now(), now() + interval '30 days')",
-            &[],
-        )
-        .await?
-        .try_get(0)?;
-    let ensure_secs = c0.elapsed().as_secs_f64();
     let c1 = Instant::now();
     let out = Command::new(&ctx.bin)
         .args(["--database-url", url, "cleanup", "--older-than", "2d"])
@@ -1021,6 +920,15 @@ async fn maintenance_phase(ctx: &Ctx, opts: &Opts, url: &str) -> anyhow::Result<
     if !out.status.success() {
         println!("  cleanup failed: {cleanup_output}");
     }
+    let c0 = Instant::now();
+    let created: i32 = db
+        .query_one(
+            "SELECT pipewatch_ensure_partitions(now(), now() + interval '30 days')",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    let ensure_secs = c0.elapsed().as_secs_f64();
     let _ = reader.await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Once more without the slow query: the partitions it could not lock go now.
