@@ -14,7 +14,7 @@
 use crate::agent::activity::SharedActivity;
 use crate::agent::batch::{Batch, Checkpoint};
 use crate::agent::copyrow::{self, EncodedRow};
-use crate::agent::retry::{classify, Backoff, ErrorKind};
+use crate::agent::retry::{classify, Backoff, CatchUp, ErrorKind};
 use crate::db::connect::LoginRefused;
 use crate::db::DbTarget;
 use crate::model::{EventRow, Level, LogRow, MetricRow, ProgressRow};
@@ -252,6 +252,8 @@ pub struct Sink {
     outage: Option<Outage>,
     /// Spaces out logins after a refusal.
     login_backoff: Backoff,
+    /// Paces commits for a while after an outage (retry.rs).
+    catch_up: CatchUp,
     pub agent_id: String,
     host: String,
     daemons: Vec<String>,
@@ -278,7 +280,8 @@ impl Sink {
             client: None,
             conn_task: None,
             outage: None,
-            login_backoff: Backoff::new(login_retry(), login_retry()),
+            login_backoff: Backoff::steady(login_retry()),
+            catch_up: CatchUp::default(),
             agent_id: format!("{host}/{}", sorted.join(",")),
             host,
             daemons: sorted,
@@ -366,6 +369,7 @@ impl Sink {
     fn note_reachable(&mut self) {
         self.login_backoff.reset();
         if let Some(outage) = self.outage.take() {
+            self.catch_up.begin();
             let after = outage.since.elapsed();
             tracing::info!(
                 after_secs = after.as_secs_f64(),
@@ -490,9 +494,24 @@ impl Sink {
         deadline: Option<tokio::time::Instant>,
     ) -> Result<(), SinkError> {
         let barriers = std::mem::take(&mut batch.barriers);
+        let rows = batch.logs.len();
         self.commit_rows(batch, deadline).await?;
         for b in barriers {
             let _ = b.send(());
+        }
+        // After an outage, a running agent follows a large batch with a pause (the next one
+        // keeps filling); `run --once` is a backfill an operator asked for: full speed.
+        let paced = self.options.give_up_after.is_none();
+        if let Some(pause) = self.catch_up.pause_after(rows).filter(|_| paced) {
+            match self.options.stop.clone() {
+                Some(stop) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+                None => tokio::time::sleep(pause).await,
+            }
         }
         Ok(())
     }

@@ -47,6 +47,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0009", "retention"),
     migration!("0010", "exact_retention"),
     migration!("0011", "checkpoint_identity"),
+    migration!("0012", "fleet"),
 ];
 
 /// The key of the advisory lock every schema change holds (`hashtext('pipewatch_migrate')`

@@ -7,6 +7,7 @@ mod support;
 mod config;
 mod day_one;
 mod faults;
+mod fleet;
 mod harness;
 mod identity;
 mod metrics;

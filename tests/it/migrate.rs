@@ -3,7 +3,7 @@
 use crate::support::{pg, pipewatch, pipewatch_cmd, text};
 use std::process::Stdio;
 
-const MIGRATIONS: usize = 11;
+const MIGRATIONS: usize = 12;
 
 fn migrate(url: &str, extra: &[&str]) -> (i32, String, String) {
     let mut args = vec!["--database-url", url, "migrate"];
