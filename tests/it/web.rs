@@ -590,3 +590,72 @@ fn grafana_dashboard_queries_run_as_reader_on_test_data() {
     assert_eq!(h, ["time", "text", "tags"]);
     assert!(!rows.is_empty(), "no annotations");
 }
+
+/// Whatever a client puts in the path or the query, the answer is a page or a 400/404 naming
+/// the problem: never a 500, never a dropped connection (a panicking handler).
+#[test]
+fn web_hostile_parameters_are_answered_400_or_404() {
+    let env = Env::new();
+    env.sql(&format!(
+        "INSERT INTO experiments (id, name) VALUES ('{EXP}', 'probe'); \
+         INSERT INTO pipeline_logs (ts, level, message, experiment_id, node_id) \
+             VALUES (now(), 'ERROR', 'boom', '{EXP}', 'n1'); \
+         INSERT INTO pipeline_metrics (ts, experiment_id, host, daemon, cpu_percent) \
+             VALUES (now() - interval '1 minute', '{EXP}', 'h', 'd', 1), (now(), '{EXP}', 'h', 'd', 2)"
+    ));
+    let url = reader_url(&env);
+    let web = WebServer::start(&url, &[]);
+    let probes: &[(&str, &[u16])] = &[
+        ("/experiments/not-a-uuid", &[404]),
+        ("/experiments/%00", &[404]),
+        ("/experiments/%FF", &[400, 404]),
+        ("/api/experiments/%E2%80%AE", &[404]),
+        (&format!("/experiments/{EXP}?window=-1"), &[400]),
+        (&format!("/experiments/{EXP}?window=%00"), &[400]),
+        (
+            &format!("/api/experiments/{EXP}/metrics?window=all"),
+            &[200],
+        ),
+        ("/logs?experiment=%00", &[404]),
+        (&format!("/logs?experiment={EXP}&limit=-1"), &[400]),
+        (
+            &format!("/logs?experiment={EXP}&limit=99999999999999999999"),
+            &[400],
+        ),
+        (&format!("/logs?experiment={EXP}&level=nope"), &[400]),
+        (&format!("/logs?experiment={EXP}&since=100000000y"), &[400]),
+        (&format!("/logs?experiment={EXP}&since=9000y"), &[400]),
+        (&format!("/api/logs?experiment={EXP}&since=300000y"), &[400]),
+        (&format!("/logs?experiment={EXP}&search=%00"), &[400]),
+        (&format!("/api/logs?experiment={EXP}&node=a%00b"), &[400]),
+        (
+            &format!("/logs?experiment={EXP}&before_ts=0000-01-01T00:00:00Z&before_id=1"),
+            &[200, 400],
+        ),
+        (
+            &format!("/logs?experiment={EXP}&before_ts=9999-12-31T23:59:59Z&before_id=1"),
+            &[200, 400],
+        ),
+        (
+            &format!("/logs?experiment={EXP}&before_ts=x&before_id=1"),
+            &[400],
+        ),
+        (
+            &format!("/logs?experiment={EXP}&after_id=-9223372036854775808"),
+            &[200],
+        ),
+        (&format!("/logs?experiment={EXP}&search=%25_%5C"), &[200]),
+        ("/api/logs", &[400]),
+        ("/nope", &[404]),
+    ];
+    let mut bad = Vec::new();
+    for (path, ok) in probes {
+        let r = web.get(path, &[]);
+        if !ok.contains(&r.status) {
+            bad.push(format!("{path}: {} {}", r.status, r.body));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    // Still serving.
+    assert_eq!(web.get("/", &[]).status, 200);
+}
