@@ -224,7 +224,7 @@ fn render(daemon: &str, d: &Value, color: bool) -> anyhow::Result<()> {
         d["cpu_window_secs"].as_f64().unwrap_or(0.0),
         mib(&p["rss_bytes"]),
         p["fd_total"],
-        threads.len()
+        p["thread_total"].as_u64().unwrap_or(threads.len() as u64)
     );
     if let Some(sil) = d.get("silence") {
         outln!(
@@ -257,6 +257,13 @@ fn render(daemon: &str, d: &Value, color: bool) -> anyhow::Result<()> {
             s(&t["syscall"]),
         );
     }
+    // Of all the threads (the diagnosis holds at most 256 of them), not just of those listed.
+    let thread_total = p["thread_total"]
+        .as_u64()
+        .map_or(threads.len(), |n| n as usize);
+    if thread_total > 32 {
+        outln!("    … {} more", thread_total - threads.len().min(32));
+    }
     if let Some(fds) = p["fds"].as_array().filter(|f| !f.is_empty()) {
         outln!("  descriptors:");
         for f in fds.iter().take(24) {
@@ -268,8 +275,12 @@ fn render(daemon: &str, d: &Value, color: bool) -> anyhow::Result<()> {
                 target.strip_suffix(&suffix).unwrap_or(&target)
             );
         }
-        if fds.len() > 24 {
-            outln!("    … {} more", fds.len() - 24);
+        let fd_total = p["fd_total"]
+            .as_u64()
+            .map_or(fds.len(), |n| n as usize)
+            .max(fds.len());
+        if fd_total > 24 {
+            outln!("    … {} more", fd_total - 24);
         }
     }
     render_children(p, 1)?;

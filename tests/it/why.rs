@@ -591,3 +591,57 @@ fn without_ptrace_rights_why_says_what_it_cannot_see() {
         "{d}"
     );
 }
+
+/// A process with more threads and descriptors than a diagnosis holds: the counts shown are
+/// the process's, not the bounded lists', and "… N more" counts what is not listed.
+#[test]
+fn why_counts_all_threads_and_descriptors_of_a_big_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import threading, time\n\
+                  fs = [open('/dev/null') for _ in range(400)]\n\
+                  ev = threading.Event()\n\
+                  ts = [threading.Thread(target=ev.wait, daemon=True) for _ in range(299)]\n\
+                  [t.start() for t in ts]\n\
+                  open(__import__('sys').argv[1], 'w').write('ready')\n\
+                  time.sleep(300)\n";
+    let ready = dir.path().join("ready");
+    let _hang = spawn(
+        "big",
+        py(script, dir.path(), "big.py", &[ready.to_str().unwrap()]),
+        dir.path(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || ready.exists()));
+    let config = dir.path().join("pipewatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemons.big]\npid_file = \"{}\"\n",
+            dir.path().join("big.pid").display()
+        ),
+    )
+    .unwrap();
+    let why = |json: bool| {
+        let mut args = vec!["--config", config.to_str().unwrap(), "why", "big"];
+        args.extend(["--window", "200ms"]);
+        if json {
+            args.push("--json");
+        }
+        let out = pipewatch_cmd(&args).output().unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        stdout
+    };
+    let d = &serde_json::from_str::<Value>(&why(true)).unwrap()[0];
+    let p = &d["process"];
+    assert_eq!(p["thread_total"], 300, "{p}");
+    assert_eq!(p["threads"].as_array().unwrap().len(), 256);
+    let fd_total = p["fd_total"].as_u64().unwrap();
+    assert!(fd_total >= 403, "{fd_total}");
+    let shown = why(false);
+    assert!(shown.contains(" 300 thread(s)"), "{shown}");
+    assert!(shown.contains("    … 268 more\n"), "threads: {shown}");
+    assert!(
+        shown.contains(&format!("    … {} more\n", fd_total - 24)),
+        "descriptors: {shown}"
+    );
+}
