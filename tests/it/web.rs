@@ -659,3 +659,38 @@ fn web_hostile_parameters_are_answered_400_or_404() {
     // Still serving.
     assert_eq!(web.get("/", &[]).status, 200);
 }
+
+/// The database going away: pages answer with an error that says so (not a hang, not a
+/// dropped connection), the server keeps running, and it serves again once the database is back.
+#[test]
+fn web_survives_a_database_outage() {
+    let cluster = crate::support::pg::Cluster::start_new();
+    let db = cluster.create_db();
+    let env = Env::with_db(db.clone());
+    let web = WebServer::start(&env.db, &[]);
+    assert_eq!(web.get("/", &[]).status, 200);
+    cluster.stop();
+    for path in [
+        "/",
+        "/agents",
+        "/api/experiments",
+        &format!("/experiments/{EXP}"),
+    ] {
+        let started = std::time::Instant::now();
+        let r = web.get(path, &[]);
+        eprintln!("{path}: {} {:?} {}", r.status, started.elapsed(), r.body);
+        assert!(
+            matches!(r.status, 500 | 503),
+            "{path}: {} {}",
+            r.status,
+            r.body
+        );
+        assert!(!r.body.is_empty(), "{path}: says why");
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+    cluster.start();
+    assert!(
+        wait_until(Duration::from_secs(20), || web.get("/", &[]).status == 200),
+        "serves again after the outage"
+    );
+}
