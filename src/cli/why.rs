@@ -152,8 +152,9 @@ async fn stored(experiment: &str, args: &Args, ctx: &Context) -> anyhow::Result<
             let recovered: Option<DateTime<Utc>> = r.get(6);
             json!({
                 "ts": ts.to_rfc3339(),
-                "host": r.get::<_, String>(1),
-                "daemon": r.get::<_, String>(2),
+                // Events need not come from an agent: host and daemon may be missing.
+                "host": r.get::<_, Option<String>>(1),
+                "daemon": r.get::<_, Option<String>>(2),
                 "event_type": r.get::<_, String>(3),
                 "message": r.get::<_, String>(4),
                 "details": r.get::<_, Value>(5),
@@ -344,8 +345,8 @@ pub async fn verdict_lines(
             format!(
                 "{} {}/{} {}: {}",
                 ts.format("%Y-%m-%d %H:%M:%S"),
-                r.get::<_, String>(1),
-                r.get::<_, String>(2),
+                r.get::<_, Option<String>>(1).unwrap_or_else(|| "?".into()),
+                r.get::<_, Option<String>>(2).unwrap_or_else(|| "?".into()),
                 r.get::<_, Option<String>>(3).unwrap_or_default(),
                 r.get::<_, Option<String>>(4).unwrap_or_default()
             )

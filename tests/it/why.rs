@@ -645,3 +645,64 @@ fn why_counts_all_threads_and_descriptors_of_a_big_process() {
         "descriptors: {shown}"
     );
 }
+
+/// `why --experiment`: an unknown experiment is one clear line and exit 1; stored events
+/// written by something other than an agent (no host, no daemon, details not an object)
+/// are shown, not a crash.
+#[test]
+fn why_experiment_unknown_and_odd_stored_events() {
+    let env = Env::new();
+    let run = |args: &[&str]| {
+        let mut a = vec!["--database-url", env.db.as_str(), "why"];
+        a.extend_from_slice(args);
+        pipewatch_cmd(&a).output().unwrap()
+    };
+    let out = run(&["--experiment", "no-such-experiment"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("no-such-experiment"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let exp = "0dd0dd00-0000-4000-8000-000000000001";
+    env.sql(&format!(
+        "INSERT INTO pipeline_events (experiment_id, event_type, message, details, host, daemon) VALUES \
+         ('{exp}', 'daemon_exited', 'gone', '{{}}', NULL, 'd1'), \
+         ('{exp}', 'daemon_exited', NULL, '[1]', 'h', NULL), \
+         ('{exp}', 'daemon_stalled', 'stuck', '{{\"diagnosis\": \"not an object\"}}', 'h', 'd2'), \
+         ('{exp}', 'daemon_stalled', 'stuck', '{{\"diagnosis\": {{\"kind\": \"sleeping\"}}}}', NULL, NULL)"
+    ));
+    // `pipewatch errors` lists the stall verdicts too.
+    let a = vec![
+        "--database-url",
+        env.db.as_str(),
+        "errors",
+        "--experiment",
+        exp,
+    ];
+    let out = pipewatch_cmd(&a).output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("?/? sleeping"), "{stdout}");
+    for json in [false, true] {
+        let mut args = vec!["--experiment", exp];
+        if json {
+            args.push("--json");
+        }
+        let out = run(&args);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stdout}{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        if json {
+            assert_eq!(
+                serde_json::from_str::<Value>(&stdout)
+                    .unwrap()
+                    .as_array()
+                    .map(Vec::len),
+                Some(4),
+                "{stdout}"
+            );
+        } else {
+            assert!(stdout.contains("gone") && stdout.contains("d2"), "{stdout}");
+        }
+    }
+}
