@@ -601,7 +601,8 @@ fn web_hostile_parameters_are_answered_400_or_404() {
          INSERT INTO pipeline_logs (ts, level, message, experiment_id, node_id) \
              VALUES (now(), 'ERROR', 'boom', '{EXP}', 'n1'); \
          INSERT INTO pipeline_metrics (ts, experiment_id, host, daemon, cpu_percent) \
-             VALUES (now() - interval '1 minute', '{EXP}', 'h', 'd', 1), (now(), '{EXP}', 'h', 'd', 2)"
+             VALUES (now() - interval '1 minute', '{EXP}', 'h', 'd', 1), (now(), '{EXP}', 'h', 'd', 2), \
+                    (now(), '{EXP}', 'h', 'nan', 'NaN'), (now(), '{EXP}', 'h', 'inf', 'Infinity')"
     ));
     let url = reader_url(&env);
     let web = WebServer::start(&url, &[]);
@@ -616,6 +617,8 @@ fn web_hostile_parameters_are_answered_400_or_404() {
             &format!("/api/experiments/{EXP}/metrics?window=all"),
             &[200],
         ),
+        (&format!("/experiments/{EXP}"), &[200]),
+        (&format!("/experiments/{EXP}/charts?window=15m"), &[200]),
         ("/logs?experiment=%00", &[404]),
         (&format!("/logs?experiment={EXP}&limit=-1"), &[400]),
         (
