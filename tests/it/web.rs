@@ -697,3 +697,45 @@ fn web_survives_a_database_outage() {
         "serves again after the outage"
     );
 }
+
+/// IPv6 loopback: served without a token, printed as a usable URL, and requests addressed
+/// to `[::1]:port` or `localhost` pass the Host check while a foreign name does not.
+#[test]
+fn web_on_ipv6_loopback() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    }
+    let env = Env::new();
+    let mut child =
+        crate::support::pipewatch_cmd(&["--database-url", &env.db, "web", "--listen", "[::1]:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr: std::net::SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let get = |host: &str| crate::support::web::http_get(addr, "/", &[("Host", host)]).status;
+    let port = addr.port();
+    let statuses = [
+        get(&format!("[::1]:{port}")),
+        get(&format!("localhost:{port}")),
+        get(&format!("evil.example:{port}")),
+        get(&format!("[::1.evil.example]:{port}")),
+    ];
+    // SAFETY: our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+    assert_eq!(statuses, [200, 200, 403, 403], "{line}");
+}
