@@ -38,6 +38,9 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     }
 }
 
+/// The most processes of one daemon diagnosed live (a broad `process_match` can match many).
+const MAX_PROCESSES: usize = 16;
+
 /// The daemon's root processes now, and how they were found (for the "not running" line).
 fn find(cfg: &crate::config::resolve::DaemonConfig) -> anyhow::Result<(Vec<u32>, String)> {
     let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
@@ -81,7 +84,14 @@ async fn live(name: &str, args: &Args, ctx: &Context) -> anyhow::Result<Code> {
             names.join(", ")
         );
     };
-    let (pids, how) = find(&cfg)?;
+    let (mut pids, how) = find(&cfg)?;
+    if pids.len() > MAX_PROCESSES {
+        tracing::warn!(
+            "{} processes match daemon {name}; diagnosing the first {MAX_PROCESSES} (by pid)",
+            pids.len()
+        );
+        pids.truncate(MAX_PROCESSES);
+    }
     if pids.is_empty() {
         if args.json {
             outln!("[]");
@@ -90,20 +100,26 @@ async fn live(name: &str, args: &Args, ctx: &Context) -> anyhow::Result<Code> {
     }
     let window = args.window;
     let stack_dump = cfg.stack_dump.clone();
+    // All processes are looked at together: each look measures CPU over `window`.
     let diagnoses = tokio::task::spawn_blocking(move || {
-        pids.iter()
-            .filter_map(|pid| {
-                diagnose::take(
-                    *pid,
-                    &Options {
+        std::thread::scope(|scope| {
+            let looks: Vec<_> = pids
+                .iter()
+                .map(|pid| {
+                    let opts = Options {
                         window,
                         cpu_percent: None,
                         stack_dump: stack_dump.clone(),
                         silence: None,
-                    },
-                )
-            })
-            .collect::<Vec<_>>()
+                    };
+                    scope.spawn(move || diagnose::take(*pid, &opts))
+                })
+                .collect();
+            looks
+                .into_iter()
+                .filter_map(|h| h.join().ok().flatten())
+                .collect::<Vec<_>>()
+        })
     })
     .await?;
     if diagnoses.is_empty() {

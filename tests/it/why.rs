@@ -706,3 +706,58 @@ fn why_experiment_unknown_and_odd_stored_events() {
         }
     }
 }
+
+/// A `process_match` that matches many processes: `why` looks at them at the same time (one
+/// CPU window, not one per process) and at 16 of them at most, saying so.
+#[test]
+fn why_with_a_broad_process_match_is_bounded_in_time_and_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("pw-broad-{}", std::process::id());
+    let _hangs: Vec<Hang> = (0..20)
+        .map(|_| {
+            let mut c = Command::new(python());
+            c.args(["-c", "import time; time.sleep(300)", &marker]);
+            let child = c.stdin(Stdio::null()).spawn().unwrap();
+            Hang {
+                child,
+                name: "broad",
+            }
+        })
+        .collect();
+    let config = dir.path().join("pipewatch.toml");
+    std::fs::write(
+        &config,
+        format!("[daemons.broad]\nprocess_match = \"{marker}\"\n"),
+    )
+    .unwrap();
+    // Wait until all twenty run (python started and its command line is visible).
+    let started = Instant::now();
+    let out = loop {
+        let t = Instant::now();
+        let out = pipewatch_cmd(&[
+            "--config",
+            config.to_str().unwrap(),
+            "why",
+            "broad",
+            "--json",
+            "--window",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+        let took = t.elapsed();
+        let (_, stderr) = text(&out);
+        if stderr.contains("20 processes match") || started.elapsed() > Duration::from_secs(60) {
+            break (out, took);
+        }
+    };
+    let ((stdout, stderr), took) = (text(&out.0), out.1);
+    assert!(out.0.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("20 processes match daemon broad; diagnosing the first 16"),
+        "{stderr}"
+    );
+    let items = serde_json::from_str::<Value>(&stdout).unwrap();
+    assert_eq!(items.as_array().map(Vec::len), Some(16), "{stdout}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+}
