@@ -360,10 +360,12 @@ fn token_ok(headers: &HeaderMap, hash: &[u8; 32]) -> bool {
     else {
         return false;
     };
-    let given: Vec<u8> = if let Some(t) = v.strip_prefix("Bearer ") {
-        t.trim().as_bytes().to_vec()
-    } else if let Some(b) = v.strip_prefix("Basic ") {
-        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b.trim()) else {
+    // The scheme's name is case-insensitive (RFC 9110 11.1): `bearer` is `Bearer`.
+    let (scheme, rest) = v.trim_start().split_once(' ').unwrap_or((v, ""));
+    let given: Vec<u8> = if scheme.eq_ignore_ascii_case("Bearer") {
+        rest.trim().as_bytes().to_vec()
+    } else if scheme.eq_ignore_ascii_case("Basic") {
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(rest.trim()) else {
             return false;
         };
         match raw.iter().position(|&c| c == b':') {

@@ -412,6 +412,26 @@ fn web_access_rules_and_headers() {
         .status,
         200
     );
+    // The scheme's name in any case (RFC 9110), as some clients send it.
+    for auth in [
+        "bearer correct-horse-battery-staple",
+        "BEARER  correct-horse-battery-staple",
+        "basic b3A6Y29ycmVjdC1ob3JzZS1iYXR0ZXJ5LXN0YXBsZQ==",
+    ] {
+        assert_eq!(
+            web.get("/api/agents", &[("Authorization", auth)]).status,
+            200,
+            "{auth}"
+        );
+    }
+    assert_eq!(
+        web.get(
+            "/api/agents",
+            &[("Authorization", "Bearercorrect-horse-battery-staple")]
+        )
+        .status,
+        401
+    );
     // "op:correct-horse-battery-staple"
     let basic = "Basic b3A6Y29ycmVjdC1ob3JzZS1iYXR0ZXJ5LXN0YXBsZQ==";
     let r = web.get("/agents", &[("Authorization", basic)]);
