@@ -41,12 +41,32 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
 /// The most processes of one daemon diagnosed live (a broad `process_match` can match many).
 const MAX_PROCESSES: usize = 16;
 
+/// Whether `pid` is a kernel thread (`PF_KTHREAD` in the flags of `/proc/PID/stat`).
+pub fn kernel_thread(pid: u32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|t| {
+            // After the command name (which may hold spaces and parentheses): state, ppid,
+            // pgrp, session, tty_nr, tpgid, flags.
+            let (_, rest) = t.rsplit_once(')')?;
+            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
 /// The daemon's root processes now, and how they were found (for the "not running" line).
 fn find(cfg: &crate::config::resolve::DaemonConfig) -> anyhow::Result<(Vec<u32>, String)> {
     let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let mut how = Vec::new();
     if let Some(path) = &cfg.pid_file {
         match process::read_pid_file(path) {
+            // A stale pid file's number can be reused by a kernel thread after a reboot.
+            Ok(pid) if alive(pid) && kernel_thread(pid) => how.push(format!(
+                "its pid file {} names pid {pid}, which is a kernel thread, not the daemon \
+                 (a stale pid file?)",
+                path.display()
+            )),
             Ok(pid) if alive(pid) => return Ok((vec![pid], String::new())),
             Ok(pid) => how.push(format!(
                 "its pid file {} names pid {pid}, which is not running",

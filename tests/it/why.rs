@@ -761,3 +761,47 @@ fn why_with_a_broad_process_match_is_bounded_in_time_and_output() {
     assert_eq!(items.as_array().map(Vec::len), Some(16), "{stdout}");
     assert!(took < Duration::from_secs(6), "took {took:?}");
 }
+
+/// A stale pid file whose number a kernel thread now has: not the daemon, said so, rather
+/// than a verdict about the kernel thread.
+#[test]
+fn why_with_a_pid_file_naming_a_kernel_thread() {
+    // A kernel thread: PF_KTHREAD (0x200000) in the flags of /proc/PID/stat.
+    let kthread = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let flags: u64 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(6)?
+            .parse()
+            .ok()?;
+        (flags & 0x0020_0000 != 0).then_some(pid)
+    });
+    let Some(pid) = kthread else {
+        eprintln!("no kernel thread visible here (a PID namespace); skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("stale.pid");
+    std::fs::write(&pid_file, format!("{pid}\n")).unwrap();
+    let config = dir.path().join("pipewatch.toml");
+    std::fs::write(
+        &config,
+        format!("[daemons.stale]\npid_file = \"{}\"\n", pid_file.display()),
+    )
+    .unwrap();
+    let out = pipewatch_cmd(&["--config", config.to_str().unwrap(), "why", "stale"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "daemon stale is not running: its pid file {} names pid {pid}, which is a kernel thread",
+            pid_file.display()
+        )),
+        "{stderr}"
+    );
+}
