@@ -25,8 +25,7 @@ pub struct Args {
 pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let client = ctx.connect().await?;
     let color = super::out::color_stdout();
-    let since =
-        Utc::now() - chrono::Duration::from_std(args.since).unwrap_or(chrono::Duration::days(1));
+    let since = super::since_cutoff(args.since);
     let experiment = match &args.experiment {
         Some(e) => Some(super::experiment_arg(&client, e).await?),
         None => None,

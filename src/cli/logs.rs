@@ -60,9 +60,7 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     let experiment = super::experiment_arg(&client, &args.experiment).await?;
     let json_out = args.json || !std::io::stdout().is_terminal();
     let color = !json_out && super::out::color_stdout();
-    let since = args
-        .since
-        .map(|d| Utc::now() - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::zero()));
+    let since = args.since.map(super::since_cutoff);
     let level = args.level.as_ref().map(|l| l.to_ascii_uppercase());
     let newest: i64 = if args.follow {
         client

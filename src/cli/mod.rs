@@ -285,6 +285,18 @@ pub fn interval_arg(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+/// The time `ago` before now, no earlier than 0001-01-01 UTC: a `--since` longer than
+/// timestamps go means "since the beginning", not an overflow or "timestamp out of range".
+pub fn since_cutoff(ago: std::time::Duration) -> chrono::DateTime<chrono::Utc> {
+    let floor = chrono::NaiveDate::from_ymd_opt(1, 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map_or(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH, |t| t.and_utc());
+    chrono::Duration::from_std(ago)
+        .ok()
+        .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+        .map_or(floor, |t| t.max(floor))
+}
+
 /// A LIKE pattern matching `text` anywhere, with `%`, `_` and `\\` escaped.
 pub fn like_pattern(text: &str) -> String {
     let mut p = String::from("%");

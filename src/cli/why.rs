@@ -38,12 +38,35 @@ pub async fn execute(args: Args, ctx: &Context) -> anyhow::Result<Code> {
     }
 }
 
+/// The most processes of one daemon diagnosed live (a broad `process_match` can match many).
+const MAX_PROCESSES: usize = 16;
+
+/// Whether `pid` is a kernel thread (`PF_KTHREAD` in the flags of `/proc/PID/stat`).
+pub fn kernel_thread(pid: u32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|t| {
+            // After the command name (which may hold spaces and parentheses): state, ppid,
+            // pgrp, session, tty_nr, tpgid, flags.
+            let (_, rest) = t.rsplit_once(')')?;
+            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
 /// The daemon's root processes now, and how they were found (for the "not running" line).
 fn find(cfg: &crate::config::resolve::DaemonConfig) -> anyhow::Result<(Vec<u32>, String)> {
     let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let mut how = Vec::new();
     if let Some(path) = &cfg.pid_file {
         match process::read_pid_file(path) {
+            // A stale pid file's number can be reused by a kernel thread after a reboot.
+            Ok(pid) if alive(pid) && kernel_thread(pid) => how.push(format!(
+                "its pid file {} names pid {pid}, which is a kernel thread, not the daemon \
+                 (a stale pid file?)",
+                path.display()
+            )),
             Ok(pid) if alive(pid) => return Ok((vec![pid], String::new())),
             Ok(pid) => how.push(format!(
                 "its pid file {} names pid {pid}, which is not running",
@@ -81,7 +104,14 @@ async fn live(name: &str, args: &Args, ctx: &Context) -> anyhow::Result<Code> {
             names.join(", ")
         );
     };
-    let (pids, how) = find(&cfg)?;
+    let (mut pids, how) = find(&cfg)?;
+    if pids.len() > MAX_PROCESSES {
+        tracing::warn!(
+            "{} processes match daemon {name}; diagnosing the first {MAX_PROCESSES} (by pid)",
+            pids.len()
+        );
+        pids.truncate(MAX_PROCESSES);
+    }
     if pids.is_empty() {
         if args.json {
             outln!("[]");
@@ -90,20 +120,26 @@ async fn live(name: &str, args: &Args, ctx: &Context) -> anyhow::Result<Code> {
     }
     let window = args.window;
     let stack_dump = cfg.stack_dump.clone();
+    // All processes are looked at together: each look measures CPU over `window`.
     let diagnoses = tokio::task::spawn_blocking(move || {
-        pids.iter()
-            .filter_map(|pid| {
-                diagnose::take(
-                    *pid,
-                    &Options {
+        std::thread::scope(|scope| {
+            let looks: Vec<_> = pids
+                .iter()
+                .map(|pid| {
+                    let opts = Options {
                         window,
                         cpu_percent: None,
                         stack_dump: stack_dump.clone(),
                         silence: None,
-                    },
-                )
-            })
-            .collect::<Vec<_>>()
+                    };
+                    scope.spawn(move || diagnose::take(*pid, &opts))
+                })
+                .collect();
+            looks
+                .into_iter()
+                .filter_map(|h| h.join().ok().flatten())
+                .collect::<Vec<_>>()
+        })
     })
     .await?;
     if diagnoses.is_empty() {
@@ -152,8 +188,9 @@ async fn stored(experiment: &str, args: &Args, ctx: &Context) -> anyhow::Result<
             let recovered: Option<DateTime<Utc>> = r.get(6);
             json!({
                 "ts": ts.to_rfc3339(),
-                "host": r.get::<_, String>(1),
-                "daemon": r.get::<_, String>(2),
+                // Events need not come from an agent: host and daemon may be missing.
+                "host": r.get::<_, Option<String>>(1),
+                "daemon": r.get::<_, Option<String>>(2),
                 "event_type": r.get::<_, String>(3),
                 "message": r.get::<_, String>(4),
                 "details": r.get::<_, Value>(5),
@@ -224,7 +261,7 @@ fn render(daemon: &str, d: &Value, color: bool) -> anyhow::Result<()> {
         d["cpu_window_secs"].as_f64().unwrap_or(0.0),
         mib(&p["rss_bytes"]),
         p["fd_total"],
-        threads.len()
+        p["thread_total"].as_u64().unwrap_or(threads.len() as u64)
     );
     if let Some(sil) = d.get("silence") {
         outln!(
@@ -257,6 +294,13 @@ fn render(daemon: &str, d: &Value, color: bool) -> anyhow::Result<()> {
             s(&t["syscall"]),
         );
     }
+    // Of all the threads (the diagnosis holds at most 256 of them), not just of those listed.
+    let thread_total = p["thread_total"]
+        .as_u64()
+        .map_or(threads.len(), |n| n as usize);
+    if thread_total > 32 {
+        outln!("    … {} more", thread_total - threads.len().min(32));
+    }
     if let Some(fds) = p["fds"].as_array().filter(|f| !f.is_empty()) {
         outln!("  descriptors:");
         for f in fds.iter().take(24) {
@@ -268,8 +312,12 @@ fn render(daemon: &str, d: &Value, color: bool) -> anyhow::Result<()> {
                 target.strip_suffix(&suffix).unwrap_or(&target)
             );
         }
-        if fds.len() > 24 {
-            outln!("    … {} more", fds.len() - 24);
+        let fd_total = p["fd_total"]
+            .as_u64()
+            .map_or(fds.len(), |n| n as usize)
+            .max(fds.len());
+        if fd_total > 24 {
+            outln!("    … {} more", fd_total - 24);
         }
     }
     render_children(p, 1)?;
@@ -333,8 +381,8 @@ pub async fn verdict_lines(
             format!(
                 "{} {}/{} {}: {}",
                 ts.format("%Y-%m-%d %H:%M:%S"),
-                r.get::<_, String>(1),
-                r.get::<_, String>(2),
+                r.get::<_, Option<String>>(1).unwrap_or_else(|| "?".into()),
+                r.get::<_, Option<String>>(2).unwrap_or_else(|| "?".into()),
                 r.get::<_, Option<String>>(3).unwrap_or_default(),
                 r.get::<_, Option<String>>(4).unwrap_or_default()
             )

@@ -162,12 +162,14 @@ fn read_process(
         .map(|(p, t)| (*p, t.clone()))
         .unwrap_or_default();
     let mut threads = Vec::new();
+    let mut thread_total = 0;
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         let mut tids: Vec<u32> = dir
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse().ok())
             .collect();
         tids.sort_unstable();
+        thread_total = tids.len();
         for tid in tids.into_iter().take(MAX_THREADS) {
             let base = format!("/proc/{pid}/task/{tid}");
             let Some(ts) = proc::read(format!("{base}/stat")).and_then(|t| parse_stat(&t)) else {
@@ -202,6 +204,7 @@ fn read_process(
         state: stat.state,
         tracer_pid: status.tracer_pid,
         exit_code: stat.exit_code,
+        thread_total: thread_total.max(threads.len()),
         threads,
         fds,
         fd_total,
@@ -385,6 +388,7 @@ fn proc_json(p: &ProcSnap) -> Value {
         "cpu_percent": p.cpu_percent,
         "rss_bytes": p.rss_bytes,
         "threads": threads,
+        "thread_total": p.thread_total.max(p.threads.len()),
         "fds": fds,
         "fd_total": p.fd_total,
         "children": children,

@@ -58,7 +58,9 @@ pub struct ProcSnap {
     /// Set when a debugger or tracer is attached.
     pub tracer_pid: Option<u32>,
     pub exit_code: Option<i32>,
+    /// The threads read (bounded), and how many there are in all.
     pub threads: Vec<ThreadSnap>,
+    pub thread_total: usize,
     /// The descriptors read (bounded), and how many there are in all.
     pub fds: Vec<(i32, FdTarget)>,
     pub fd_total: usize,

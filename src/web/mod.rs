@@ -360,10 +360,12 @@ fn token_ok(headers: &HeaderMap, hash: &[u8; 32]) -> bool {
     else {
         return false;
     };
-    let given: Vec<u8> = if let Some(t) = v.strip_prefix("Bearer ") {
-        t.trim().as_bytes().to_vec()
-    } else if let Some(b) = v.strip_prefix("Basic ") {
-        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b.trim()) else {
+    // The scheme's name is case-insensitive (RFC 9110 11.1): `bearer` is `Bearer`.
+    let (scheme, rest) = v.trim_start().split_once(' ').unwrap_or((v, ""));
+    let given: Vec<u8> = if scheme.eq_ignore_ascii_case("Bearer") {
+        rest.trim().as_bytes().to_vec()
+    } else if scheme.eq_ignore_ascii_case("Basic") {
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(rest.trim()) else {
             return false;
         };
         match raw.iter().position(|&c| c == b':') {
@@ -422,6 +424,10 @@ async fn experiments_page(
 
 /// An experiment given as a UUID or a name, with its name.
 async fn experiment(c: &Client, id: &str) -> Result<(Uuid, Option<String>), WebError> {
+    // PostgreSQL text cannot hold NUL, so no name has one (and sending it is a database error).
+    if id.contains('\0') {
+        return Err(WebError::NotFound(format!("no experiment {id:?}")));
+    }
     match crate::db::queries::resolve_experiment(c, id).await? {
         Some(u) => Ok((u, crate::db::queries::experiment_name(c, u).await?)),
         None => Err(WebError::NotFound(format!("no experiment {id:?}"))),
@@ -696,9 +702,16 @@ impl LogQuery {
             Some(s) => {
                 let d = humantime::parse_duration(&s)
                     .map_err(|_| bad("since", &s, "is not a duration (90s, 1h, 2d)"))?;
-                let d =
-                    chrono::Duration::from_std(d).map_err(|_| bad("since", &s, "is too long"))?;
-                Some(Utc::now() - d)
+                // Older than PostgreSQL's timestamps go (4713 BC) is refused, not overflowed.
+                let oldest = chrono::NaiveDate::from_ymd_opt(-4712, 1, 1)
+                    .and_then(|d| d.and_hms_opt(0, 0, 0))
+                    .map(|t| t.and_utc());
+                let t = chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| Utc::now().checked_sub_signed(d))
+                    .filter(|t| oldest.is_some_and(|o| *t >= o))
+                    .ok_or_else(|| bad("since", &s, "is too long"))?;
+                Some(t)
             }
             None => None,
         };
@@ -727,6 +740,12 @@ impl LogQuery {
                 ))
             }
         };
+        // PostgreSQL text cannot hold NUL: a value with one is refused, not a database error.
+        for (what, v) in [("search", &self.search), ("node", &self.node)] {
+            if let Some(v) = v.as_deref().filter(|v| v.contains('\0')) {
+                return Err(bad(what, v, "contains a NUL character"));
+            }
+        }
         let limit = int("limit", &self.limit)?.unwrap_or(100);
         if !(1..=1000).contains(&limit) {
             return Err(bad(

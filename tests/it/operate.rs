@@ -346,3 +346,21 @@ fn commands_on_an_unmigrated_database_say_to_migrate_in_one_line() {
         assert!(err.contains("run `pipewatch migrate`"), "{args:?}: {err}");
     }
 }
+
+/// A `--since` longer than timestamps go: every row, not a crash (DateTime overflow) or a
+/// database "timestamp out of range".
+#[test]
+fn logs_and_errors_with_an_enormous_since() {
+    let env = seeded();
+    for since in ["9000y", "100000000y"] {
+        let (code, out, err) = run(&env, &["logs", "--experiment", "exp-a", "--since", since]);
+        assert_eq!(code, Some(0), "logs --since {since}: {err}");
+        assert!(out.contains("ancient"), "logs --since {since}: {out}");
+        let (code, out, err) = run(&env, &["errors", "--since", since]);
+        assert_eq!(code, Some(0), "errors --since {since}: {err}");
+        assert!(
+            out.contains("disk full on /data"),
+            "errors --since {since}: {out}"
+        );
+    }
+}

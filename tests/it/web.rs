@@ -412,6 +412,26 @@ fn web_access_rules_and_headers() {
         .status,
         200
     );
+    // The scheme's name in any case (RFC 9110), as some clients send it.
+    for auth in [
+        "bearer correct-horse-battery-staple",
+        "BEARER  correct-horse-battery-staple",
+        "basic b3A6Y29ycmVjdC1ob3JzZS1iYXR0ZXJ5LXN0YXBsZQ==",
+    ] {
+        assert_eq!(
+            web.get("/api/agents", &[("Authorization", auth)]).status,
+            200,
+            "{auth}"
+        );
+    }
+    assert_eq!(
+        web.get(
+            "/api/agents",
+            &[("Authorization", "Bearercorrect-horse-battery-staple")]
+        )
+        .status,
+        401
+    );
     // "op:correct-horse-battery-staple"
     let basic = "Basic b3A6Y29ycmVjdC1ob3JzZS1iYXR0ZXJ5LXN0YXBsZQ==";
     let r = web.get("/agents", &[("Authorization", basic)]);
@@ -589,4 +609,153 @@ fn grafana_dashboard_queries_run_as_reader_on_test_data() {
     let (h, rows) = run(anno["target"]["rawSql"].as_str().unwrap());
     assert_eq!(h, ["time", "text", "tags"]);
     assert!(!rows.is_empty(), "no annotations");
+}
+
+/// Whatever a client puts in the path or the query, the answer is a page or a 400/404 naming
+/// the problem: never a 500, never a dropped connection (a panicking handler).
+#[test]
+fn web_hostile_parameters_are_answered_400_or_404() {
+    let env = Env::new();
+    env.sql(&format!(
+        "INSERT INTO experiments (id, name) VALUES ('{EXP}', 'probe'); \
+         INSERT INTO pipeline_logs (ts, level, message, experiment_id, node_id) \
+             VALUES (now(), 'ERROR', 'boom', '{EXP}', 'n1'); \
+         INSERT INTO pipeline_metrics (ts, experiment_id, host, daemon, cpu_percent) \
+             VALUES (now() - interval '1 minute', '{EXP}', 'h', 'd', 1), (now(), '{EXP}', 'h', 'd', 2), \
+                    (now(), '{EXP}', 'h', 'nan', 'NaN'), (now(), '{EXP}', 'h', 'inf', 'Infinity')"
+    ));
+    let url = reader_url(&env);
+    let web = WebServer::start(&url, &[]);
+    let probes: &[(&str, &[u16])] = &[
+        ("/experiments/not-a-uuid", &[404]),
+        ("/experiments/%00", &[404]),
+        ("/experiments/%FF", &[400, 404]),
+        ("/api/experiments/%E2%80%AE", &[404]),
+        (&format!("/experiments/{EXP}?window=-1"), &[400]),
+        (&format!("/experiments/{EXP}?window=%00"), &[400]),
+        (
+            &format!("/api/experiments/{EXP}/metrics?window=all"),
+            &[200],
+        ),
+        (&format!("/experiments/{EXP}"), &[200]),
+        (&format!("/experiments/{EXP}/charts?window=15m"), &[200]),
+        ("/logs?experiment=%00", &[404]),
+        (&format!("/logs?experiment={EXP}&limit=-1"), &[400]),
+        (
+            &format!("/logs?experiment={EXP}&limit=99999999999999999999"),
+            &[400],
+        ),
+        (&format!("/logs?experiment={EXP}&level=nope"), &[400]),
+        (&format!("/logs?experiment={EXP}&since=100000000y"), &[400]),
+        (&format!("/logs?experiment={EXP}&since=9000y"), &[400]),
+        (&format!("/api/logs?experiment={EXP}&since=300000y"), &[400]),
+        (&format!("/logs?experiment={EXP}&search=%00"), &[400]),
+        (&format!("/api/logs?experiment={EXP}&node=a%00b"), &[400]),
+        (
+            &format!("/logs?experiment={EXP}&before_ts=0000-01-01T00:00:00Z&before_id=1"),
+            &[200, 400],
+        ),
+        (
+            &format!("/logs?experiment={EXP}&before_ts=9999-12-31T23:59:59Z&before_id=1"),
+            &[200, 400],
+        ),
+        (
+            &format!("/logs?experiment={EXP}&before_ts=x&before_id=1"),
+            &[400],
+        ),
+        (
+            &format!("/logs?experiment={EXP}&after_id=-9223372036854775808"),
+            &[200],
+        ),
+        (&format!("/logs?experiment={EXP}&search=%25_%5C"), &[200]),
+        ("/api/logs", &[400]),
+        ("/nope", &[404]),
+    ];
+    let mut bad = Vec::new();
+    for (path, ok) in probes {
+        let r = web.get(path, &[]);
+        if !ok.contains(&r.status) {
+            bad.push(format!("{path}: {} {}", r.status, r.body));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    // Still serving.
+    assert_eq!(web.get("/", &[]).status, 200);
+}
+
+/// The database going away: pages answer with an error that says so (not a hang, not a
+/// dropped connection), the server keeps running, and it serves again once the database is back.
+#[test]
+fn web_survives_a_database_outage() {
+    let cluster = crate::support::pg::Cluster::start_new();
+    let db = cluster.create_db();
+    let env = Env::with_db(db.clone());
+    let web = WebServer::start(&env.db, &[]);
+    assert_eq!(web.get("/", &[]).status, 200);
+    cluster.stop();
+    for path in [
+        "/",
+        "/agents",
+        "/api/experiments",
+        &format!("/experiments/{EXP}"),
+    ] {
+        let started = std::time::Instant::now();
+        let r = web.get(path, &[]);
+        eprintln!("{path}: {} {:?} {}", r.status, started.elapsed(), r.body);
+        assert!(
+            matches!(r.status, 500 | 503),
+            "{path}: {} {}",
+            r.status,
+            r.body
+        );
+        assert!(!r.body.is_empty(), "{path}: says why");
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+    cluster.start();
+    assert!(
+        wait_until(Duration::from_secs(20), || web.get("/", &[]).status == 200),
+        "serves again after the outage"
+    );
+}
+
+/// IPv6 loopback: served without a token, printed as a usable URL, and requests addressed
+/// to `[::1]:port` or `localhost` pass the Host check while a foreign name does not.
+#[test]
+fn web_on_ipv6_loopback() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    }
+    let env = Env::new();
+    let mut child =
+        crate::support::pipewatch_cmd(&["--database-url", &env.db, "web", "--listen", "[::1]:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr: std::net::SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let get = |host: &str| crate::support::web::http_get(addr, "/", &[("Host", host)]).status;
+    let port = addr.port();
+    let statuses = [
+        get(&format!("[::1]:{port}")),
+        get(&format!("localhost:{port}")),
+        get(&format!("evil.example:{port}")),
+        get(&format!("[::1.evil.example]:{port}")),
+    ];
+    // SAFETY: our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+    assert_eq!(statuses, [200, 200, 403, 403], "{line}");
 }

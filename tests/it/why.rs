@@ -591,3 +591,217 @@ fn without_ptrace_rights_why_says_what_it_cannot_see() {
         "{d}"
     );
 }
+
+/// A process with more threads and descriptors than a diagnosis holds: the counts shown are
+/// the process's, not the bounded lists', and "… N more" counts what is not listed.
+#[test]
+fn why_counts_all_threads_and_descriptors_of_a_big_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import threading, time\n\
+                  fs = [open('/dev/null') for _ in range(400)]\n\
+                  ev = threading.Event()\n\
+                  ts = [threading.Thread(target=ev.wait, daemon=True) for _ in range(299)]\n\
+                  [t.start() for t in ts]\n\
+                  open(__import__('sys').argv[1], 'w').write('ready')\n\
+                  time.sleep(300)\n";
+    let ready = dir.path().join("ready");
+    let _hang = spawn(
+        "big",
+        py(script, dir.path(), "big.py", &[ready.to_str().unwrap()]),
+        dir.path(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || ready.exists()));
+    let config = dir.path().join("pipewatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemons.big]\npid_file = \"{}\"\n",
+            dir.path().join("big.pid").display()
+        ),
+    )
+    .unwrap();
+    let why = |json: bool| {
+        let mut args = vec!["--config", config.to_str().unwrap(), "why", "big"];
+        args.extend(["--window", "200ms"]);
+        if json {
+            args.push("--json");
+        }
+        let out = pipewatch_cmd(&args).output().unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        stdout
+    };
+    let d = &serde_json::from_str::<Value>(&why(true)).unwrap()[0];
+    let p = &d["process"];
+    assert_eq!(p["thread_total"], 300, "{p}");
+    assert_eq!(p["threads"].as_array().unwrap().len(), 256);
+    let fd_total = p["fd_total"].as_u64().unwrap();
+    assert!(fd_total >= 403, "{fd_total}");
+    let shown = why(false);
+    assert!(shown.contains(" 300 thread(s)"), "{shown}");
+    assert!(shown.contains("    … 268 more\n"), "threads: {shown}");
+    assert!(
+        shown.contains(&format!("    … {} more\n", fd_total - 24)),
+        "descriptors: {shown}"
+    );
+}
+
+/// `why --experiment`: an unknown experiment is one clear line and exit 1; stored events
+/// written by something other than an agent (no host, no daemon, details not an object)
+/// are shown, not a crash.
+#[test]
+fn why_experiment_unknown_and_odd_stored_events() {
+    let env = Env::new();
+    let run = |args: &[&str]| {
+        let mut a = vec!["--database-url", env.db.as_str(), "why"];
+        a.extend_from_slice(args);
+        pipewatch_cmd(&a).output().unwrap()
+    };
+    let out = run(&["--experiment", "no-such-experiment"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("no-such-experiment"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let exp = "0dd0dd00-0000-4000-8000-000000000001";
+    env.sql(&format!(
+        "INSERT INTO pipeline_events (experiment_id, event_type, message, details, host, daemon) VALUES \
+         ('{exp}', 'daemon_exited', 'gone', '{{}}', NULL, 'd1'), \
+         ('{exp}', 'daemon_exited', NULL, '[1]', 'h', NULL), \
+         ('{exp}', 'daemon_stalled', 'stuck', '{{\"diagnosis\": \"not an object\"}}', 'h', 'd2'), \
+         ('{exp}', 'daemon_stalled', 'stuck', '{{\"diagnosis\": {{\"kind\": \"sleeping\"}}}}', NULL, NULL)"
+    ));
+    // `pipewatch errors` lists the stall verdicts too.
+    let a = vec![
+        "--database-url",
+        env.db.as_str(),
+        "errors",
+        "--experiment",
+        exp,
+    ];
+    let out = pipewatch_cmd(&a).output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("?/? sleeping"), "{stdout}");
+    for json in [false, true] {
+        let mut args = vec!["--experiment", exp];
+        if json {
+            args.push("--json");
+        }
+        let out = run(&args);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stdout}{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        if json {
+            assert_eq!(
+                serde_json::from_str::<Value>(&stdout)
+                    .unwrap()
+                    .as_array()
+                    .map(Vec::len),
+                Some(4),
+                "{stdout}"
+            );
+        } else {
+            assert!(stdout.contains("gone") && stdout.contains("d2"), "{stdout}");
+        }
+    }
+}
+
+/// A `process_match` that matches many processes: `why` looks at them at the same time (one
+/// CPU window, not one per process) and at 16 of them at most, saying so.
+#[test]
+fn why_with_a_broad_process_match_is_bounded_in_time_and_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("pw-broad-{}", std::process::id());
+    let _hangs: Vec<Hang> = (0..20)
+        .map(|_| {
+            let mut c = Command::new(python());
+            c.args(["-c", "import time; time.sleep(300)", &marker]);
+            let child = c.stdin(Stdio::null()).spawn().unwrap();
+            Hang {
+                child,
+                name: "broad",
+            }
+        })
+        .collect();
+    let config = dir.path().join("pipewatch.toml");
+    std::fs::write(
+        &config,
+        format!("[daemons.broad]\nprocess_match = \"{marker}\"\n"),
+    )
+    .unwrap();
+    // Wait until all twenty run (python started and its command line is visible).
+    let started = Instant::now();
+    let out = loop {
+        let t = Instant::now();
+        let out = pipewatch_cmd(&[
+            "--config",
+            config.to_str().unwrap(),
+            "why",
+            "broad",
+            "--json",
+            "--window",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+        let took = t.elapsed();
+        let (_, stderr) = text(&out);
+        if stderr.contains("20 processes match") || started.elapsed() > Duration::from_secs(60) {
+            break (out, took);
+        }
+    };
+    let ((stdout, stderr), took) = (text(&out.0), out.1);
+    assert!(out.0.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("20 processes match daemon broad; diagnosing the first 16"),
+        "{stderr}"
+    );
+    let items = serde_json::from_str::<Value>(&stdout).unwrap();
+    assert_eq!(items.as_array().map(Vec::len), Some(16), "{stdout}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+}
+
+/// A stale pid file whose number a kernel thread now has: not the daemon, said so, rather
+/// than a verdict about the kernel thread.
+#[test]
+fn why_with_a_pid_file_naming_a_kernel_thread() {
+    // A kernel thread: PF_KTHREAD (0x200000) in the flags of /proc/PID/stat.
+    let kthread = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let flags: u64 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(6)?
+            .parse()
+            .ok()?;
+        (flags & 0x0020_0000 != 0).then_some(pid)
+    });
+    let Some(pid) = kthread else {
+        eprintln!("no kernel thread visible here (a PID namespace); skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("stale.pid");
+    std::fs::write(&pid_file, format!("{pid}\n")).unwrap();
+    let config = dir.path().join("pipewatch.toml");
+    std::fs::write(
+        &config,
+        format!("[daemons.stale]\npid_file = \"{}\"\n", pid_file.display()),
+    )
+    .unwrap();
+    let out = pipewatch_cmd(&["--config", config.to_str().unwrap(), "why", "stale"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "daemon stale is not running: its pid file {} names pid {pid}, which is a kernel thread",
+            pid_file.display()
+        )),
+        "{stderr}"
+    );
+}
