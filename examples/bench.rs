@@ -455,23 +455,7 @@ impl Bench {
     async fn fresh_db(&mut self, label: &str) -> anyhow::Result<(String, String)> {
         self.db_counter += 1;
         let name = format!("bench_{label}_{}", self.db_counter);
-        exec(
-            &self.cluster.url("postgres"),
-            &format!("CREATE DATABASE {name}"),
-        )
-        .await?;
-        let url = self.cluster.url(&name);
-        let out = Command::new(&self.bin)
-            .args(["--database-url", &url, "migrate"])
-            .stdin(Stdio::null())
-            .output()
-            .context("run pipewatch migrate")?;
-        if !out.status.success() {
-            bail!(
-                "pipewatch migrate failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let url = common::migrated_db(&self.cluster, &self.bin, &name).await?;
         Ok((name, url))
     }
 

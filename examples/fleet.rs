@@ -604,22 +604,7 @@ impl Ctx {
     async fn fresh_db(&mut self) -> anyhow::Result<(String, String)> {
         self.counter += 1;
         let name = format!("fleet_{}", self.counter);
-        common::connect(&self.cluster.url("postgres"))
-            .await?
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await?;
-        let url = self.cluster.url(&name);
-        let out = Command::new(&self.bin)
-            .args(["--database-url", &url, "migrate"])
-            .stdin(Stdio::null())
-            .output()
-            .context("run pipewatch migrate")?;
-        if !out.status.success() {
-            bail!(
-                "pipewatch migrate failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let url = common::migrated_db(&self.cluster, &self.bin, &name).await?;
         Ok((name, url))
     }
 }

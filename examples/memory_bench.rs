@@ -65,18 +65,7 @@ impl Bench {
     ) -> anyhow::Result<Figures> {
         self.dbs += 1;
         let name = format!("memory_{}", self.dbs);
-        common::connect(&self.cluster.url("postgres"))
-            .await?
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await?;
-        let url = self.cluster.url(&name);
-        let out = Command::new(&self.bin)
-            .args(["--database-url", &url, "migrate"])
-            .output()
-            .context("run pipewatch migrate")?;
-        if !out.status.success() {
-            bail!("migrate: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
+        let url = common::migrated_db(&self.cluster, &self.bin, &name).await?;
         let config = self.dir.join(format!("{label}.toml"));
         std::fs::write(
             &config,

@@ -74,6 +74,31 @@ pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// Creates database `name` in the throwaway cluster and migrates it with `bin`; its URL.
+pub async fn migrated_db(
+    cluster: &pipewatch::db::throwaway::Throwaway,
+    bin: &Path,
+    name: &str,
+) -> anyhow::Result<String> {
+    connect(&cluster.url("postgres"))
+        .await?
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let url = cluster.url(name);
+    let out = Command::new(bin)
+        .args(["--database-url", &url, "migrate"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("run pipewatch migrate")?;
+    if !out.status.success() {
+        bail!(
+            "pipewatch migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(url)
+}
+
 /// A `Vm*` line of /proc/PID/status, in bytes.
 pub fn vm_bytes(pid: u32, key: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
