@@ -60,6 +60,10 @@ struct Opts {
     /// Skip the steady-load and outage phases (steps 5–6).
     #[arg(long)]
     skip_steady: bool,
+    /// An earlier pipewatch binary: its `run --once` (without rules) alternates with this
+    /// build's, for a same-run before/after of the backfill.
+    #[arg(long, env = "BENCH_BASELINE")]
+    baseline: Option<PathBuf>,
 }
 
 const HOST: &str = "bench-host";
@@ -1173,8 +1177,25 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
         let (mut plain_rates, mut rules_rates, mut plain_cpu, mut rules_cpu) =
             (vec![], vec![], vec![], vec![]);
         let mut agent_server = vec![];
+        let (mut base_rates, mut base_server, mut base_cpu) = (vec![], vec![], vec![]);
         let mut derived = (0, 0, 0);
         for rep in 0..reps {
+            if let Some(old) = &opts.baseline {
+                let new = std::mem::replace(&mut bench.bin, old.clone());
+                let r = once_run(&mut bench, &plain, opts.lines, "baseline").await;
+                bench.bin = new;
+                let r = r?;
+                println!(
+                    "  baseline run --once without rules #{}: {:.0} rows/s (agent CPU {:.1} s, server CPU {:.1} s)",
+                    rep + 1,
+                    r.rows_per_sec,
+                    r.cpu,
+                    r.server_cpu
+                );
+                base_rates.push(r.rows_per_sec);
+                base_server.push(r.server_cpu);
+                base_cpu.push(r.cpu);
+            }
             let r = once_run(&mut bench, &plain, opts.lines, "plain").await?;
             println!(
                 "  run --once without rules #{}: {:.0} rows/s (agent CPU {:.1} s, server CPU {:.1} s)",
@@ -1261,6 +1282,39 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
             "<= 1.15",
             Some(server_agent / server_copy <= 1.15),
         );
+        if !base_rates.is_empty() {
+            let base = median(&base_rates);
+            summary.add(
+                &format!("baseline run --once, rows/s (median of {reps})"),
+                format!("{base:.0}"),
+                "",
+                None,
+            );
+            summary.add(
+                "ratio baseline / COPY",
+                format!("{:.2}", base / copy),
+                "",
+                None,
+            );
+            summary.add(
+                "ratio agent / baseline",
+                format!("{:.2}", agent / base),
+                "",
+                None,
+            );
+            summary.add(
+                "baseline agent CPU s (median)",
+                format!("{:.1}", median(&base_cpu)),
+                "",
+                None,
+            );
+            summary.add(
+                "ratio server CPU baseline / COPY",
+                format!("{:.2}", median(&base_server) / server_copy),
+                "",
+                None,
+            );
+        }
         summary.add(
             &format!("agent with 20 rules, rows/s (median of {reps})"),
             format!("{with_rules:.0}"),

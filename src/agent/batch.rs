@@ -93,6 +93,9 @@ pub struct Batch {
     /// The byte permits this batch holds; returned to the [`Budget`] when the batch is dropped,
     /// i.e. once the sink is done with it.
     pub reserved: Option<OwnedSemaphorePermit>,
+    /// Closed by `max_records` or `max_bytes` rather than by `max_wait`: a backlog, so the
+    /// sink may stream it on a second connection while the batch before it commits.
+    pub full: bool,
 }
 
 impl Batch {
@@ -293,6 +296,7 @@ impl Batcher {
             };
             if too_many || batch.bytes + size > self.limits.max_bytes {
                 self.carry = Some((item, size));
+                batch.full = true;
                 break;
             }
             // This batch and the item fit in `max_bytes`, half the budget; the other half is
@@ -313,6 +317,8 @@ impl Batcher {
                 }
             }
         }
+        batch.full |=
+            batch.logs.len() >= self.limits.max_records || batch.bytes >= self.limits.max_bytes;
         Some(batch)
     }
 }

@@ -191,25 +191,8 @@ pub async fn run(
         }
     });
     // The sink itself ends retrying a drain time after the stop signal.
-    let result = loop {
-        let Some(batch) = batches.recv().await else {
-            break Ok(());
-        };
-        {
-            let mut a = activity.lock().unwrap_or_else(|e| e.into_inner());
-            a.agent.committing_since = Some(chrono::Utc::now());
-            a.agent.committing_rows = batch.rows();
-        }
-        let committed = sink.commit(batch, None).await;
-        {
-            let mut a = activity.lock().unwrap_or_else(|e| e.into_inner());
-            a.agent.committing_since = None;
-            a.agent.committing_rows = 0;
-        }
-        if let Err(e) = committed {
-            break Err(e);
-        }
-    };
+    // It commits in order, streaming a backlog on a second connection (sink.rs).
+    let result = sink.ship(&mut batches).await;
     let counters = activity.lock().map(|a| a.agent.clone()).unwrap_or_default();
     let summary = Summary {
         records_shipped: counters.records_shipped,

@@ -151,6 +151,12 @@ impl CatchUp {
         self.until = Some(std::time::Instant::now() + self.window);
     }
 
+    /// Whether the catch-up pace holds now.
+    pub fn active(&self) -> bool {
+        self.until
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
+
     /// The pause after committing `rows`, while catching up.
     pub fn pause_after(&mut self, rows: usize) -> Option<Duration> {
         let until = self.until?;

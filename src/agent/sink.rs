@@ -23,7 +23,9 @@ use chrono::{DateTime, Utc};
 use futures_util::{pin_mut, SinkExt};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
@@ -183,13 +185,97 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// The batch streamed behind another found, once it held the agent's row, that the batch
+    /// before it had not committed: it rolled back, and both are retried in order.
+    fn out_of_order() -> Failure {
+        Failure {
+            kind: ErrorKind::Retry,
+            text: "the batch before it did not commit".into(),
+            disconnected: false,
+            refused: None,
+        }
+    }
+}
+
 /// What a successful attempt found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Written {
     /// Committed now, with this many records quarantined.
     Now(usize),
     /// An earlier attempt had committed the batch; its reply was lost.
     Before,
+    /// The batch streamed behind this one had committed, so this one had too (batches commit
+    /// strictly in order); neither reply arrived.
+    WithLater,
 }
+
+/// What an attempt's lost-reply check compares the agent's `last_batch_id` with.
+#[derive(Debug, Clone, Copy)]
+struct Check {
+    /// This batch: equal means an earlier attempt committed it.
+    id: Uuid,
+    /// The batch that was streamed behind this one, if its fate is unknown: equal means both
+    /// committed (it commits only after this one did).
+    later: Option<Uuid>,
+    /// Streamed behind this batch (which may still be committing on the other connection):
+    /// lock the agent's row only after the rows, and commit only if this batch was the last.
+    after: Option<Uuid>,
+}
+
+/// A connection and the task driving it.
+struct Conn {
+    client: Client,
+    task: tokio::task::AbortHandle,
+}
+
+impl Conn {
+    /// Drops the connection; its task is aborted so a silent socket is closed now.
+    fn close(self) {
+        self.task.abort();
+    }
+}
+
+/// What every transaction of this agent writes besides the batch.
+struct WriteCtx {
+    agent_id: String,
+    host: String,
+    daemons: Vec<String>,
+    started_at: DateTime<Utc>,
+    details: Value,
+    /// `BEGIN` and the transaction's settings.
+    begin: String,
+}
+
+/// The future of one batch's write on its own connection: gives the connection back unless
+/// it failed.
+type WriteFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Option<Conn>, Result<Written, Failure>)> + Send>,
+>;
+
+/// A batch being written on a connection of its own (`Sink::ship`).
+struct Flight {
+    batch: std::sync::Arc<Batch>,
+    barriers: Vec<tokio::sync::oneshot::Sender<()>>,
+    check: Check,
+    write: WriteFuture,
+    /// Fires once this flight's transaction holds the agent's row (dropped if it never
+    /// will): the batch streamed behind it asks for the row only then, so it queues behind.
+    locked: Option<oneshot::Receiver<()>>,
+}
+
+/// The order of one flight's transaction among the agent's: it says when it holds the
+/// agent's row, and the one behind it asks for the row only after that.
+struct Turn {
+    /// Told once this transaction holds the agent's row and found its predecessor committed.
+    holding: Option<oneshot::Sender<()>>,
+    /// Fires (or is dropped) once the transaction before holds the agent's row.
+    before: Option<oneshot::Receiver<()>>,
+}
+
+/// A second connection unused this long is closed (a fleet keeps one connection per agent
+/// except while an agent has a backlog).
+pub const SPARE_IDLE: Duration = Duration::from_secs(30);
 
 /// An outage in progress: since when, and how many attempts failed.
 struct Outage {
@@ -263,6 +349,11 @@ pub struct Sink {
     last_partition_check: Option<Instant>,
     /// When the agent's stop was first seen, plus the drain time.
     stopped_at: Option<tokio::time::Instant>,
+    /// The second connection, open while there is a backlog (see [`Sink::ship`]), and when it
+    /// was last used.
+    spare: Option<(Conn, Instant)>,
+    /// This sink has committed (so the agent's row exists).
+    committed: bool,
 }
 
 impl Sink {
@@ -290,6 +381,8 @@ impl Sink {
             options,
             last_partition_check: None,
             stopped_at: None,
+            spare: None,
+            committed: false,
         }
     }
 
@@ -337,6 +430,35 @@ impl Sink {
         self.client = None;
         if let Some(task) = self.conn_task.take() {
             task.abort();
+        }
+    }
+
+    /// An open connection for a [`Flight`]: the main one, else the spare; `None` when neither
+    /// is open (the flight connects).
+    fn take_conn(&mut self) -> Option<Conn> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.disconnect();
+        }
+        match (self.client.take(), self.conn_task.take()) {
+            (Some(client), Some(task)) => Some(Conn { client, task }),
+            _ => self
+                .spare
+                .take()
+                .map(|(c, _)| c)
+                .filter(|c| !c.client.is_closed()),
+        }
+    }
+
+    /// Takes back a flight's connection: as the main one if that is gone, else as the spare.
+    fn return_conn(&mut self, conn: Option<Conn>) {
+        let Some(conn) = conn else { return };
+        if conn.client.is_closed() {
+            conn.close();
+        } else if self.client.is_none() {
+            self.client = Some(conn.client);
+            self.conn_task = Some(conn.task);
+        } else if let Some((old, _)) = self.spare.replace((conn, Instant::now())) {
+            old.close();
         }
     }
 
@@ -495,7 +617,12 @@ impl Sink {
     ) -> Result<(), SinkError> {
         let barriers = std::mem::take(&mut batch.barriers);
         let rows = batch.logs.len();
-        self.commit_rows(batch, deadline).await?;
+        let check = Check {
+            id: Uuid::new_v4(),
+            later: None,
+            after: None,
+        };
+        self.commit_rows(&batch, check, deadline).await?;
         for b in barriers {
             let _ = b.send(());
         }
@@ -516,31 +643,296 @@ impl Sink {
         Ok(())
     }
 
-    async fn commit_rows(
+    /// Commits the batches `batches` yields, in order, until it closes: the agent's sink loop.
+    ///
+    /// A batch that arrives full while the one before it commits — a backlog — is streamed
+    /// meanwhile on a second connection and commits right after it ([`pipelined`], streamed
+    /// behind). The second connection is opened only then and closed once unused for
+    /// [`SPARE_IDLE`]. When a batch fails, the batch streamed behind it is awaited (it can only
+    /// commit after finding the failed one committed), then whatever is not known committed
+    /// is retried in order on one connection, the earlier batch's lost-reply check also
+    /// recognising the later batch's id.
+    pub async fn ship(&mut self, batches: &mut mpsc::Receiver<Batch>) -> Result<(), SinkError> {
+        let mut next = None;
+        loop {
+            let batch = match next.take() {
+                Some(batch) => batch,
+                None => match self.receive(batches).await {
+                    Some(batch) => batch,
+                    None => return Ok(()),
+                },
+            };
+            self.note_committing(Some(&batch));
+            let result = if self.may_overlap() && !batch.is_empty() {
+                self.ship_overlapped(batch, batches).await.map(|n| next = n)
+            } else {
+                self.commit(batch, None).await
+            };
+            self.note_committing(None);
+            result?;
+        }
+    }
+
+    /// The next batch; closes the spare connection when it has been idle long enough.
+    async fn receive(&mut self, batches: &mut mpsc::Receiver<Batch>) -> Option<Batch> {
+        loop {
+            let Some((_, used)) = &self.spare else {
+                return batches.recv().await;
+            };
+            let idle_at = tokio::time::Instant::from_std(*used + SPARE_IDLE);
+            tokio::select! {
+                batch = batches.recv() => return batch,
+                _ = tokio::time::sleep_until(idle_at) => {
+                    if let Some((conn, _)) = self.spare.take() {
+                        conn.close();
+                        tracing::debug!("closed the second connection (no backlog)");
+                    }
+                }
+            }
+        }
+    }
+
+    /// For the stuck watchdog: since when the oldest uncommitted batch has been committing.
+    fn note_committing(&self, batch: Option<&Batch>) {
+        let mut a = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        a.agent.committing_since = batch.map(|_| Utc::now());
+        a.agent.committing_rows = batch.map_or(0, Batch::rows);
+    }
+
+    /// Whether batches may be written as flights (and streamed behind one another): after this
+    /// sink's first commit (the agent's row exists), not while a running agent paces its
+    /// catch-up after an outage, not while stopping.
+    fn may_overlap(&self) -> bool {
+        let paced = self.options.give_up_after.is_none() && self.catch_up.active();
+        let stopping = self.options.stop.as_ref().is_some_and(|s| s.is_cancelled());
+        self.committed && !paced && !stopping
+    }
+
+    /// Commits `first`, streaming each batch that arrives full meanwhile behind it on the
+    /// other connection. Returns a batch received but not started.
+    async fn ship_overlapped(
         &mut self,
-        batch: Batch,
-        deadline: Option<tokio::time::Instant>,
+        first: Batch,
+        batches: &mut mpsc::Receiver<Batch>,
+    ) -> Result<Option<Batch>, SinkError> {
+        self.maintain_partitions().await;
+        let mut front = self.launch(first, None);
+        loop {
+            let arrived = tokio::select! {
+                out = &mut front.write => Err(out),
+                batch = batches.recv() => Ok(batch),
+            };
+            let behind = match arrived {
+                Err(out) => {
+                    self.land(front, out).await?;
+                    return Ok(None);
+                }
+                Ok(Some(b)) if (b.full || self.spare.is_some()) && self.may_overlap() => b,
+                Ok(other) => {
+                    let out = (&mut front.write).await;
+                    self.land(front, out).await?;
+                    return Ok(other);
+                }
+            };
+            let mut back = self.launch(behind, Some(&mut front));
+            let mut back_out = None;
+            let (conn, result) = loop {
+                tokio::select! {
+                    out = &mut front.write => break out,
+                    out = &mut back.write, if back_out.is_none() => back_out = Some(out),
+                }
+            };
+            self.return_conn(conn);
+            match (result, back_out) {
+                (Ok(written), None) => {
+                    self.landed(front, written);
+                    front = back;
+                    self.note_committing(Some(&front.batch));
+                }
+                (Ok(written), Some(out)) => {
+                    self.landed(front, written);
+                    self.land(back, out).await?;
+                    return Ok(None);
+                }
+                (Err(failure), out) => {
+                    let (conn, back_result) = match out {
+                        Some(out) => out,
+                        None => (&mut back.write).await,
+                    };
+                    self.return_conn(conn);
+                    self.recover(front, failure, back, back_result).await?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Starts writing `batch` on a connection of its own (the main one when open), behind the
+    /// batch `after` when that one may still be committing.
+    fn launch(&mut self, mut batch: Batch, after: Option<&mut Flight>) -> Flight {
+        let barriers = std::mem::take(&mut batch.barriers);
+        let check = Check {
+            id: Uuid::new_v4(),
+            later: None,
+            after: after.as_ref().map(|f| f.check.id),
+        };
+        let (holding, locked) = oneshot::channel();
+        let turn = Turn {
+            holding: Some(holding),
+            before: after.and_then(|f| f.locked.take()),
+        };
+        let bytes: usize = batch.logs.iter().map(|r| r.0.len()).sum();
+        let limit = attempt_deadline(
+            self.target.limits.query_timeout,
+            bytes,
+            batch.logs.len(),
+            false,
+        );
+        let batch = Arc::new(batch);
+        let rows = Arc::clone(&batch);
+        let ctx = self.write_ctx();
+        let source = self.take_conn().ok_or_else(|| self.target.clone());
+        let write = Box::pin(async move {
+            let conn = match source {
+                Ok(conn) => conn,
+                Err(target) => match crate::db::tls::connect_with_task(&target).await {
+                    Ok((client, task)) => Conn { client, task },
+                    Err(e) => {
+                        let failure = Failure {
+                            kind: ErrorKind::Retry,
+                            text: format!("{e:#}"),
+                            disconnected: true,
+                            refused: None,
+                        };
+                        return (None, Err(failure));
+                    }
+                },
+            };
+            let write = pipelined(&conn.client, &ctx, &rows, check, turn);
+            match tokio::time::timeout(limit, write).await {
+                Ok(Ok(written)) => (Some(conn), Ok(written)),
+                Ok(Err(failure)) => {
+                    conn.close();
+                    (None, Err(failure))
+                }
+                Err(_) => {
+                    conn.close();
+                    (None, Err(Failure::silent(limit)))
+                }
+            }
+        });
+        Flight {
+            batch,
+            barriers,
+            check,
+            write,
+            locked: Some(locked),
+        }
+    }
+
+    /// A flight ended with nothing streamed behind it: done, or retried alone.
+    async fn land(
+        &mut self,
+        flight: Flight,
+        (conn, result): (Option<Conn>, Result<Written, Failure>),
     ) -> Result<(), SinkError> {
-        if batch.is_empty() {
+        self.return_conn(conn);
+        match result {
+            Ok(written) => self.landed(flight, written),
+            Err(failure) => {
+                tracing::warn!(error = %failure.text, "commit failed; retrying the same batch");
+                let check = Check {
+                    id: flight.check.id,
+                    later: None,
+                    after: None,
+                };
+                self.commit_rows(&flight.batch, check, None).await?;
+                finish(flight);
+            }
+        }
+        Ok(())
+    }
+
+    /// `front` failed while `back` was streamed behind it. A `back` that committed found
+    /// `front` committed first. Otherwise both are retried in order; `front`'s lost-reply
+    /// check takes `back`'s id for "both committed".
+    async fn recover(
+        &mut self,
+        front: Flight,
+        failure: Failure,
+        back: Flight,
+        back_result: Result<Written, Failure>,
+    ) -> Result<(), SinkError> {
+        tracing::warn!(error = %failure.text, "commit failed; retrying the same batch");
+        if let Ok(written) = back_result {
+            self.landed(front, Written::Before);
+            self.landed(back, written);
             return Ok(());
         }
+        let check = Check {
+            id: front.check.id,
+            later: Some(back.check.id),
+            after: None,
+        };
+        let both = self.commit_rows(&front.batch, check, None).await?;
+        finish(front);
+        if both {
+            self.note_commit(&back.batch, 0);
+        } else {
+            let check = Check {
+                id: back.check.id,
+                later: None,
+                after: None,
+            };
+            self.commit_rows(&back.batch, check, None).await?;
+        }
+        finish(back);
+        Ok(())
+    }
+
+    /// A flight committed (now, or by an attempt whose reply was lost).
+    fn landed(&mut self, flight: Flight, written: Written) {
+        match written {
+            Written::Now(quarantined) => self.note_commit(&flight.batch, quarantined),
+            Written::Before | Written::WithLater => {
+                tracing::info!("batch was committed before the connection was lost");
+                self.note_commit(&flight.batch, 0);
+            }
+        }
+        finish(flight);
+    }
+
+    /// Commits one batch on the main connection, retrying and isolating as needed. Returns
+    /// whether the batch `check.later` names turned out committed as well.
+    async fn commit_rows(
+        &mut self,
+        batch: &Batch,
+        check: Check,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<bool, SinkError> {
+        if batch.is_empty() {
+            return Ok(false);
+        }
         self.maintain_partitions().await;
-        let batch_id = Uuid::new_v4();
+        let check = Check {
+            after: None,
+            ..check
+        };
         let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         let mut unreachable_since: Option<Instant> = None;
         let mut isolate = false;
         let mut schema_logged = false;
         let bytes: usize = batch.logs.iter().map(|r| r.0.len()).sum();
         loop {
-            let failure = match self.attempt(&batch, batch_id, isolate, bytes).await {
+            let failure = match self.attempt(batch, check, isolate, bytes).await {
                 Ok(Written::Now(quarantined)) => {
-                    self.note_commit(&batch, quarantined);
-                    return Ok(());
+                    self.note_commit(batch, quarantined);
+                    return Ok(false);
                 }
-                Ok(Written::Before) => {
+                Ok(written) => {
                     tracing::info!("batch was committed before the connection was lost");
-                    self.note_commit(&batch, 0);
-                    return Ok(());
+                    self.note_commit(batch, 0);
+                    return Ok(written == Written::WithLater);
                 }
                 Err(f) => f,
             };
@@ -622,7 +1014,8 @@ impl Sink {
         )
     }
 
-    fn note_commit(&self, batch: &Batch, quarantined: usize) {
+    fn note_commit(&mut self, batch: &Batch, quarantined: usize) {
+        self.committed = true;
         let now = Utc::now();
         if let Ok(mut a) = self.activity.lock() {
             a.agent.records_shipped += batch.logs.len() as u64;
@@ -665,7 +1058,7 @@ impl Sink {
     async fn attempt(
         &mut self,
         batch: &Batch,
-        batch_id: Uuid,
+        check: Check,
         isolate: bool,
         bytes: usize,
     ) -> Result<Written, Failure> {
@@ -676,7 +1069,7 @@ impl Sink {
             batch.logs.len(),
             isolate,
         );
-        match tokio::time::timeout(limit, self.write(batch, batch_id, isolate)).await {
+        match tokio::time::timeout(limit, self.write(batch, check, isolate)).await {
             Ok(result) => result,
             Err(_) => {
                 tracing::warn!(
@@ -695,11 +1088,17 @@ impl Sink {
     async fn write(
         &mut self,
         batch: &Batch,
-        batch_id: Uuid,
+        check: Check,
         isolate: bool,
     ) -> Result<Written, Failure> {
         if !isolate {
-            let result = self.write_pipelined(batch, batch_id).await;
+            let ctx = self.write_ctx();
+            let client = self.client().await?;
+            let turn = Turn {
+                holding: None,
+                before: None,
+            };
+            let result = pipelined(client, &ctx, batch, check, turn).await;
             if result.is_err() {
                 // The transaction may be open (or aborted) on this connection: drop it, the
                 // server rolls back; the next attempt connects again and finds out in its own
@@ -719,9 +1118,14 @@ impl Sink {
         tx.batch_execute(&settings).await?;
         // The lost-reply check, inside this attempt's transaction: the agent's row stays
         // locked until COMMIT, so no other attempt can commit in between.
-        if lock_agent(&tx, &agent_id, &host, &daemons).await? == Some(batch_id) {
+        let last = lock_agent(&tx, &agent_id, &host, &daemons).await?;
+        if last == Some(check.id) {
             tx.rollback().await?;
             return Ok(Written::Before);
+        }
+        if last.is_some() && last == check.later {
+            tx.rollback().await?;
+            return Ok(Written::WithLater);
         }
         let mut quarantined = Vec::new();
         isolate_logs(&tx, &batch.logs, &mut quarantined).await?;
@@ -757,7 +1161,7 @@ impl Sink {
         upsert_agent(
             tx.client(),
             &row,
-            batch_id,
+            check.id,
             batch.logs.len(),
             quarantined.len(),
         )
@@ -766,55 +1170,80 @@ impl Sink {
         Ok(Written::Now(quarantined.len()))
     }
 
-    /// One attempt without isolation, pipelined on the connection: three round trips a batch
-    /// however many statements it has. (1) `BEGIN` with the transaction's settings, the
-    /// agent's row locked (the lost-reply check) and the COPY statement prepared, sent
-    /// together; (2) the COPY starts; (3) its rows, then events, metrics, progress, positions,
-    /// the agent's row and `COMMIT`, sent together.
-    ///
-    /// Exact: the server runs them in order in one transaction; a statement that fails aborts
-    /// the transaction, so every statement after it fails too (its error is returned, nothing
-    /// is committed: `COMMIT` of an aborted transaction rolls back), and the agent's row,
-    /// updated last before `COMMIT`, fails whenever anything before it did. The COPY
-    /// statement is closed before `COMMIT` (pooler-safe). On an error the caller drops the
-    /// connection.
-    async fn write_pipelined(&mut self, batch: &Batch, batch_id: Uuid) -> Result<Written, Failure> {
-        let agent_id = self.agent_id.clone();
-        let host = self.host.clone();
-        let daemons = self.daemons.clone();
-        let details = self.agent_details();
-        let row = AgentRow {
-            agent_id: &agent_id,
-            host: &host,
-            daemons: &daemons,
+    /// What this agent's transactions write besides the batch.
+    fn write_ctx(&self) -> WriteCtx {
+        WriteCtx {
+            agent_id: self.agent_id.clone(),
+            host: self.host.clone(),
+            daemons: self.daemons.clone(),
             started_at: self.started_at,
-            details: &details,
-        };
-        let begin = format!(
-            "BEGIN; {}",
-            transaction_settings(self.target.limits.query_timeout)
-        );
-        let client = self.client().await?;
-        let id: [(&(dyn ToSql + Sync), Type); 1] = [(&agent_id, Type::TEXT)];
-        let with_logs = !batch.logs.is_empty();
-        let prepare_copy = async {
-            if with_logs {
-                client
-                    .prepare_typed(copyrow::COPY_STATEMENT, &[])
-                    .await
-                    .map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        // Round trip 1. `try_join!` polls in order, and each request is sent on its first
-        // poll: the server sees BEGIN, the lock, then the PREPARE.
-        let (_, locked, statement) = futures_util::try_join!(
-            client.batch_execute(&begin),
-            client.query_typed_opt(LOCK_AGENT, &id),
-            prepare_copy
-        )
-        .map_err(busy)?;
+            details: self.agent_details(),
+            begin: format!(
+                "BEGIN; {}",
+                transaction_settings(self.target.limits.query_timeout)
+            ),
+        }
+    }
+}
+
+/// One attempt without isolation, pipelined on the connection: three round trips a batch
+/// however many statements it has. (1) `BEGIN` with the transaction's settings, the agent's
+/// row locked (the lost-reply check) and the COPY statement prepared, sent together; (2) the
+/// COPY starts; (3) its rows, then events, metrics, progress, positions, the agent's row and
+/// `COMMIT`, sent together.
+///
+/// Streamed behind a batch still committing on another connection (`check.after`), the
+/// agent's row is locked after the rows, events and metrics instead — the lock waits for
+/// that batch's transaction to end — and progress, positions, the agent's row and `COMMIT`
+/// are sent only once the row shows that batch as the last committed (a fourth round trip);
+/// otherwise this transaction rolls back. So batches commit strictly in order, and a batch
+/// committed behind another proves that one committed.
+///
+/// Exact: the server runs the statements in order in one transaction; a statement that fails
+/// aborts the transaction, so every statement after it fails too (its error is returned,
+/// nothing is committed: `COMMIT` of an aborted transaction rolls back), and the agent's row,
+/// updated last before `COMMIT`, fails whenever anything before it did. The COPY statement is
+/// closed before `COMMIT` (pooler-safe). On an error the caller drops the connection.
+async fn pipelined(
+    client: &Client,
+    ctx: &WriteCtx,
+    batch: &Batch,
+    check: Check,
+    mut turn: Turn,
+) -> Result<Written, Failure> {
+    let row = AgentRow {
+        agent_id: &ctx.agent_id,
+        host: &ctx.host,
+        daemons: &ctx.daemons,
+        started_at: ctx.started_at,
+        details: &ctx.details,
+    };
+    let id: [(&(dyn ToSql + Sync), Type); 1] = [(&ctx.agent_id, Type::TEXT)];
+    let with_logs = !batch.logs.is_empty();
+    let lock_first = check.after.is_none();
+    let prepare_copy = async {
+        if with_logs {
+            client
+                .prepare_typed(copyrow::COPY_STATEMENT, &[])
+                .await
+                .map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let lock = async {
+        if lock_first {
+            client.query_typed_opt(LOCK_AGENT, &id).await.map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    // Round trip 1. `try_join!` polls in order, and each request is sent on its first poll:
+    // the server sees BEGIN, the lock, then the PREPARE.
+    let (_, locked, statement) =
+        futures_util::try_join!(client.batch_execute(&ctx.begin), lock, prepare_copy)
+            .map_err(busy)?;
+    if let Some(locked) = locked {
         let last = match locked {
             Some(r) => r.try_get::<_, Option<Uuid>>(0)?,
             // The very first commit of this agent: create its row, then lock it.
@@ -823,9 +1252,9 @@ impl Sink {
                     .execute_typed(
                         CREATE_AGENT,
                         &[
-                            (&agent_id, Type::TEXT),
-                            (&host, Type::TEXT),
-                            (&daemons, Type::TEXT_ARRAY),
+                            (&ctx.agent_id, Type::TEXT),
+                            (&ctx.host, Type::TEXT),
+                            (&ctx.daemons, Type::TEXT_ARRAY),
                         ],
                     )
                     .await
@@ -840,39 +1269,100 @@ impl Sink {
                 }
             }
         };
-        if last == Some(batch_id) {
+        let found = if last == Some(check.id) {
+            Some(Written::Before)
+        } else if last.is_some() && last == check.later {
+            Some(Written::WithLater)
+        } else {
+            None
+        };
+        if let Some(found) = found {
             drop(statement);
             client.batch_execute("ROLLBACK").await?;
-            return Ok(Written::Before);
+            return Ok(found);
         }
-        // Round trip 2: the COPY starts. The statement is dropped right after, which queues
-        // its Close behind the COPY data and before everything below.
-        let sink = match statement {
-            Some(statement) => {
-                let sink = client.copy_in::<_, Bytes>(&statement).await?;
-                drop(statement);
-                Some(sink)
-            }
-            None => None,
-        };
-        let copy = async {
-            match sink {
-                Some(sink) => stream_rows(sink, &batch.logs).await,
-                None => Ok(()),
-            }
-        };
-        let progress = collapse_progress(&batch.progress);
+        if let Some(holding) = turn.holding.take() {
+            let _ = holding.send(());
+        }
+    }
+    // Round trip 2: the COPY starts. The statement is dropped right after, which queues its
+    // Close behind the COPY data and before everything below.
+    let sink = match statement {
+        Some(statement) => {
+            let sink = client.copy_in::<_, Bytes>(&statement).await?;
+            drop(statement);
+            Some(sink)
+        }
+        None => None,
+    };
+    let copy = async {
+        match sink {
+            Some(sink) => stream_rows(sink, &batch.logs).await,
+            None => Ok(()),
+        }
+    };
+    let progress = collapse_progress(&batch.progress);
+    if lock_first {
         // Round trip 3.
         futures_util::try_join!(
             copy,
             insert_events(client, &batch.events),
             insert_metrics(client, &batch.metrics),
             upsert_progress(client, &progress),
-            upsert_checkpoints(client, &host, &batch.checkpoints),
-            upsert_agent(client, &row, batch_id, batch.logs.len(), 0),
+            upsert_checkpoints(client, &ctx.host, &batch.checkpoints),
+            upsert_agent(client, &row, check.id, batch.logs.len(), 0),
             client.batch_execute("COMMIT"),
         )?;
-        Ok(Written::Now(0))
+        return Ok(Written::Now(0));
+    }
+    // Round trip 3, behind another batch: the rows, then the agent's row, locked once that
+    // batch's transaction has ended. Progress and positions come after the lock: they may
+    // update rows that batch updated, and must apply after it.
+    // The lock is asked for only once the batch before holds the row (or has failed), so that
+    // it queues behind that batch's transaction instead of overtaking it.
+    let before = turn.before.take();
+    let lock = async {
+        if let Some(before) = before {
+            let _ = before.await;
+        }
+        client.query_typed_opt(LOCK_AGENT, &id).await
+    };
+    let (_, _, _, locked) = futures_util::try_join!(
+        copy,
+        insert_events(client, &batch.events),
+        insert_metrics(client, &batch.metrics),
+        lock,
+    )
+    .map_err(busy)?;
+    let last = match locked {
+        Some(r) => r.try_get::<_, Option<Uuid>>(0)?,
+        None => None,
+    };
+    if last == Some(check.id) || last.is_none() || last != check.after {
+        client.batch_execute("ROLLBACK").await?;
+        return if last == Some(check.id) {
+            Ok(Written::Before)
+        } else {
+            Err(Failure::out_of_order())
+        };
+    }
+    if let Some(holding) = turn.holding.take() {
+        let _ = holding.send(());
+    }
+    // Round trip 4.
+    futures_util::try_join!(
+        upsert_progress(client, &progress),
+        upsert_checkpoints(client, &ctx.host, &batch.checkpoints),
+        upsert_agent(client, &row, check.id, batch.logs.len(), 0),
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(Written::Now(0))
+}
+
+/// Answers a committed flight's barriers and drops its batch (returning its byte permits).
+fn finish(flight: Flight) {
+    for b in flight.barriers {
+        let _ = b.send(());
     }
 }
 
