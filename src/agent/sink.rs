@@ -865,9 +865,13 @@ impl Sink {
     ) -> Result<(), SinkError> {
         tracing::warn!(error = %failure.text, "commit failed; retrying the same batch");
         if let Ok(written) = back_result {
+            tracing::info!("the batch streamed behind it committed, so it had committed too");
             self.landed(front, Written::Before);
             self.landed(back, written);
             return Ok(());
+        }
+        if let Err(f) = &back_result {
+            tracing::warn!(error = %f.text, "the batch streamed behind it did not commit either; retrying both in order");
         }
         let check = Check {
             id: front.check.id,

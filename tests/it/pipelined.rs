@@ -72,3 +72,139 @@ fn a_statement_failing_after_the_copy_with_commit_already_sent_commits_nothing_t
         .unwrap_or(0);
     assert_eq!(end.trim(), len.to_string(), "{stderr}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Two connections: with a backlog, batch N+1 streams on a second connection while N commits
+// (sink.rs `ship`). Commits stay strictly in order and every lost reply stays exact.
+// ---------------------------------------------------------------------------------------------
+
+use crate::support::proxy::{Fault, Proxy};
+use std::path::PathBuf;
+
+/// Lines in the backlog: about 150 small batches, so batches stream behind one another.
+const BACKLOG: usize = 30_000;
+
+/// A backlog of `BACKLOG` lines in `app.jsonl`, a proxy in front of the database, a config
+/// through it with small batches, and a record of the order positions were written in.
+fn backlog(env: &Env) -> (Proxy, PathBuf) {
+    append(
+        &env.path("app.jsonl"),
+        &(0..BACKLOG).map(json_line).collect::<Vec<_>>(),
+    );
+    // Every position write, numbered in the order it happened: a transaction writes its
+    // positions only once it holds the agent's row, so the numbers follow the commit order.
+    env.sql(
+        "CREATE TABLE pw_order (seq bigserial, fingerprint text, position bigint); \
+         CREATE FUNCTION pw_order_fn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO pw_order (fingerprint, position) VALUES (NEW.fingerprint, NEW.position); \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER pw_order_tr AFTER INSERT OR UPDATE ON pipewatch_checkpoints \
+           FOR EACH ROW EXECUTE FUNCTION pw_order_fn();",
+    );
+    let (proxy, url) = Proxy::for_url(&env.db);
+    let cfg = env.path("backlog.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[database]\nurl = \"{url}\"\n\n[agent]\nhost = \"test-host\"\n\n\
+             [batch]\nmax_records = 200\nmax_wait = \"100ms\"\n\n\
+             [daemons.app]\nlogs = [\"{}/*.jsonl\"]\n",
+            env.dir.path().display()
+        ),
+    )
+    .unwrap();
+    (proxy, cfg)
+}
+
+/// Every line exactly once, the committed position at the end of the file, and positions
+/// committed in file order (never one behind a position committed before it).
+fn judge_backlog(env: &Env, stderr: &str) {
+    assert_eq!(
+        (
+            env.count("SELECT count(*) FROM pipeline_logs WHERE daemon = 'app'"),
+            env.count("SELECT count(DISTINCT message) FROM pipeline_logs WHERE daemon = 'app'"),
+        ),
+        (BACKLOG as i64, BACKLOG as i64),
+        "rows (total, distinct): a batch lost or committed twice\n{stderr}"
+    );
+    let len = std::fs::metadata(env.path("app.jsonl")).unwrap().len();
+    let end = env.sql("SELECT position FROM pipewatch_checkpoints WHERE daemon = 'app'");
+    assert_eq!(end.trim(), len.to_string(), "{stderr}");
+    let behind = env.count(
+        "SELECT count(*) FROM (SELECT position < lag(position) OVER \
+           (PARTITION BY fingerprint ORDER BY seq) AS back FROM pw_order) o WHERE back",
+    );
+    assert_eq!(behind, 0, "a position was committed out of order\n{stderr}");
+}
+
+#[test]
+fn a_batch_rolled_back_while_the_next_streams_behind_it_is_retried_first_then_the_next() {
+    let env = Env::new();
+    let (proxy, cfg) = backlog(&env);
+    // Batch N's connection closes instead of sending its COMMIT (the server rolls N back)
+    // while N+1, streamed behind it, waits for the agent's row: N+1 must not commit.
+    proxy.arm_at(Fault::DropBeforeCommit, 20);
+    let out = env.run_once(&cfg);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(proxy.fired().len(), 1, "{stderr}");
+    assert!(
+        stderr.contains("the batch streamed behind it did not commit either"),
+        "no batch was streamed behind the failed one\n{stderr}"
+    );
+    judge_backlog(&env, &stderr);
+}
+
+#[test]
+fn a_lost_commit_reply_while_the_next_batch_streams_behind_it_commits_each_once() {
+    let env = Env::new();
+    let (proxy, cfg) = backlog(&env);
+    // N commits but its reply is lost and its connection closed (new ones are refused for a
+    // moment); N+1, streamed behind it on the other connection, finds N committed and
+    // commits: N must not be committed again.
+    proxy.arm_at(Fault::LoseReply(Duration::from_millis(500)), 20);
+    let out = env.run_once(&cfg);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(proxy.fired().len(), 1, "{stderr}");
+    assert!(
+        stderr.contains("the batch streamed behind it committed, so it had committed too"),
+        "no batch was streamed behind the one whose reply was lost\n{stderr}"
+    );
+    judge_backlog(&env, &stderr);
+}
+
+#[test]
+fn a_connection_silent_after_commit_while_the_next_batch_streams_commits_each_once() {
+    let env = Env::new();
+    let (proxy, cfg) = backlog(&env);
+    let cfg_text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        cfg_text.replace(
+            "[agent]",
+            "connect_timeout = \"2s\"\nquery_timeout = \"2s\"\n\n[agent]",
+        ),
+    )
+    .unwrap();
+    // N's COMMIT reaches the server, then its connection goes silent for good; new
+    // connections are silent too until healed. N+1, streamed behind it, finds N committed.
+    proxy.arm_at(Fault::SilenceAfterCommit, 20);
+    let out = std::thread::scope(|s| {
+        let run = s.spawn(|| env.run_once(&cfg));
+        assert!(
+            wait_until(Duration::from_secs(30), || !proxy.fired().is_empty()),
+            "the fault never fired"
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        proxy.heal();
+        run.join().unwrap()
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the batch streamed behind it committed, so it had committed too"),
+        "no batch was streamed behind the one that went silent\n{stderr}"
+    );
+    judge_backlog(&env, &stderr);
+}

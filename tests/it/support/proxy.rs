@@ -8,7 +8,10 @@
 //! * or stop forwarding in both directions without closing anything, before or after the
 //!   COMMIT reaches the server ([`Fault::SilenceBeforeCommit`], [`Fault::SilenceAfterCommit`]):
 //!   that connection stays silent for good (a flow a firewall forgot), and so do new ones until
-//!   [`Proxy::heal`].
+//!   [`Proxy::heal`];
+//! * or close the connection instead of forwarding the COMMIT: the server rolls back
+//!   ([`Fault::DropBeforeCommit`]);
+//! * at the next COMMIT, or at a later one ([`Proxy::arm_at`]).
 //!
 //! Threads only; every socket is polled with a short read timeout so dropping the proxy ends
 //! them.
@@ -32,11 +35,16 @@ pub enum Fault {
     /// The COMMIT reaches the server, then nothing more is forwarded either way. New
     /// connections are silent too until [`Proxy::heal`].
     SilenceAfterCommit,
+    /// The COMMIT never reaches the server: both sides of that connection are closed (the
+    /// server rolls the transaction back). New connections pass.
+    DropBeforeCommit,
 }
 
 #[derive(Default)]
 struct Control {
     armed: Option<Fault>,
+    /// COMMITs to let pass before the armed fault.
+    skip: usize,
     refuse_until: Option<Instant>,
     /// New connections start silent.
     silent: bool,
@@ -112,7 +120,14 @@ impl Proxy {
 
     /// Injects `fault` at the next COMMIT on any connection.
     pub fn arm(&self, fault: Fault) {
-        self.control().armed = Some(fault);
+        self.arm_at(fault, 0);
+    }
+
+    /// Injects `fault` at a later COMMIT on any connection, after `skip` have passed.
+    pub fn arm_at(&self, fault: Fault, skip: usize) {
+        let mut c = self.control();
+        c.armed = Some(fault);
+        c.skip = skip;
     }
 
     /// Faults injected so far, with when.
@@ -309,7 +324,12 @@ fn client_to_server(
             }
             let fault = if is_commit(message[0], &message[5..]) {
                 let mut c = shared.control.lock().expect("proxy control lock");
-                let fault = c.armed.take();
+                let fault = if c.armed.is_some() && c.skip > 0 {
+                    c.skip -= 1;
+                    None
+                } else {
+                    c.armed.take()
+                };
                 if let Some(f) = fault {
                     c.fired.push((f, Instant::now()));
                     match f {
@@ -317,6 +337,7 @@ fn client_to_server(
                             c.refuse_until = Some(Instant::now() + refuse_for);
                         }
                         Fault::SilenceBeforeCommit | Fault::SilenceAfterCommit => c.silent = true,
+                        Fault::DropBeforeCommit => {}
                     }
                 }
                 fault
@@ -331,6 +352,11 @@ fn client_to_server(
                     return park(&shared);
                 }
                 Some(Fault::SilenceAfterCommit) => link.frozen.store(true, Ordering::SeqCst),
+                Some(Fault::DropBeforeCommit) => {
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = server.shutdown(Shutdown::Both);
+                    return;
+                }
             }
             if server.write_all(&message).is_err() {
                 return;
