@@ -1172,14 +1172,25 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
         let plain = bench.config("plain", &logdir.join("*.jsonl"), false)?;
         let ruled = bench.config("rules", &logdir.join("*.jsonl"), true)?;
 
-        // 3 and 7: agent runs without and with rules, interleaved so that drift in the shared
-        // machine's load affects both alike.
+        // 3, 4 and 7: COPY and agent runs without and with rules, interleaved so that drift in
+        // the shared machine's load affects all alike.
         let (mut plain_rates, mut rules_rates, mut plain_cpu, mut rules_cpu) =
             (vec![], vec![], vec![], vec![]);
         let mut agent_server = vec![];
         let (mut base_rates, mut base_server, mut base_cpu) = (vec![], vec![], vec![]);
         let mut derived = (0, 0, 0);
+        let (mut copy_rates, mut copy_server) = (vec![], vec![]);
         for rep in 0..reps {
+            // 4. The physical limit, in the same round as the agent runs it is compared with.
+            let (r, server) = copy_run(&mut bench, &rows, &source).await?;
+            println!(
+                "  binary COPY #{}: {:.0} rows/s (server CPU {:.1} s)",
+                rep + 1,
+                r,
+                server
+            );
+            copy_rates.push(r);
+            copy_server.push(server);
             if let Some(old) = &opts.baseline {
                 let new = std::mem::replace(&mut bench.bin, old.clone());
                 let r = once_run(&mut bench, &plain, opts.lines, "baseline").await;
@@ -1218,19 +1229,6 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
             rules_rates.push(r.rows_per_sec);
             rules_cpu.push(r.cpu);
             derived = r.derived;
-        }
-        // 4. The physical limit.
-        let (mut copy_rates, mut copy_server) = (vec![], vec![]);
-        for rep in 0..reps {
-            let (r, server) = copy_run(&mut bench, &rows, &source).await?;
-            println!(
-                "  binary COPY #{}: {:.0} rows/s (server CPU {:.1} s)",
-                rep + 1,
-                r,
-                server
-            );
-            copy_rates.push(r);
-            copy_server.push(server);
         }
         drop(rows);
         std::fs::remove_file(&file)?;

@@ -148,11 +148,12 @@ fn a_batch_rolled_back_while_the_next_streams_behind_it_is_retried_first_then_th
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr}");
     assert_eq!(proxy.fired().len(), 1, "{stderr}");
+    judge_backlog(&env, &stderr);
+    // And it was the case under test: a batch had been streamed behind the failed one.
     assert!(
         stderr.contains("the batch streamed behind it did not commit either"),
         "no batch was streamed behind the failed one\n{stderr}"
     );
-    judge_backlog(&env, &stderr);
 }
 
 #[test]
@@ -167,11 +168,12 @@ fn a_lost_commit_reply_while_the_next_batch_streams_behind_it_commits_each_once(
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr}");
     assert_eq!(proxy.fired().len(), 1, "{stderr}");
+    judge_backlog(&env, &stderr);
+    // And it was the case under test: a batch had been streamed behind the failed one.
     assert!(
         stderr.contains("the batch streamed behind it committed, so it had committed too"),
         "no batch was streamed behind the one whose reply was lost\n{stderr}"
     );
-    judge_backlog(&env, &stderr);
 }
 
 #[test]
@@ -202,9 +204,10 @@ fn a_connection_silent_after_commit_while_the_next_batch_streams_commits_each_on
     });
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr}");
+    judge_backlog(&env, &stderr);
+    // And it was the case under test: a batch had been streamed behind the failed one.
     assert!(
         stderr.contains("the batch streamed behind it committed, so it had committed too"),
         "no batch was streamed behind the one that went silent\n{stderr}"
     );
-    judge_backlog(&env, &stderr);
 }
