@@ -816,6 +816,10 @@ impl Sink {
                     (None, Err(failure))
                 }
                 Err(_) => {
+                    tracing::warn!(
+                        "no reply from the database for {}; reconnecting",
+                        seconds(limit)
+                    );
                     conn.close();
                     (None, Err(Failure::silent(limit)))
                 }
