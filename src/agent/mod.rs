@@ -19,6 +19,7 @@ pub mod shutdown;
 pub mod sink;
 pub mod supervisor;
 pub mod tail;
+pub mod watch;
 
 use crate::config::Config;
 use crate::db::DbTarget;

@@ -1,4 +1,4 @@
-//! Owns the per-daemon reader threads and the notify watcher: starts them, stops them, and on
+//! Owns the per-daemon reader threads and the file notifications (`watch`): starts them, stops them, and on
 //! SIGHUP applies a new configuration — daemons added, removed or changed — without losing or
 //! repeating a line: a replaced reader is stopped and joined, everything it sent is committed
 //! (a barrier through the batcher), and only then is its successor started from the committed
@@ -12,6 +12,7 @@
 use crate::agent::activity::SharedActivity;
 use crate::agent::batch::Item;
 use crate::agent::tail::{self, Hint, StoredCheckpoint};
+use crate::agent::watch::{Waker, Wakers, Watch};
 use crate::config::{Config, DaemonConfig};
 use crate::db::DbTarget;
 use crate::model::{EventRow, Level};
@@ -94,9 +95,9 @@ pub struct Supervisor {
     gave_up: Option<String>,
     /// `agent_error` events not sent yet.
     pending_events: Vec<EventRow>,
-    /// Notify hints go to every reader's waker.
-    wakers: Arc<Mutex<BTreeMap<String, Waker>>>,
-    watcher: Option<notify::RecommendedWatcher>,
+    /// Hints go to every reader's waker.
+    wakers: Wakers,
+    watcher: Option<Arc<Watch>>,
 }
 
 fn describe(d: &DaemonConfig) -> String {
@@ -112,11 +113,11 @@ impl Supervisor {
         stop: CancellationToken,
     ) -> (Supervisor, mpsc::UnboundedReceiver<ReaderExit>) {
         let (exits, exits_rx) = mpsc::unbounded_channel();
-        let wakers: Arc<Mutex<BTreeMap<String, Waker>>> = Arc::new(Mutex::new(BTreeMap::new()));
+        let wakers: Wakers = Arc::new(Mutex::new(BTreeMap::new()));
         let watcher = if once {
             None
         } else {
-            make_watcher(Arc::clone(&wakers))
+            Watch::start(Arc::clone(&wakers))
         };
         let sup = Supervisor {
             host: config.agent.host.clone(),
@@ -152,7 +153,7 @@ impl Supervisor {
             let roots = daemon.logs.iter().map(|g| glob_root(g).0).collect();
             w.insert(daemon.name.clone(), Waker { tx: wake_tx, roots });
         }
-        let watched = match &mut self.watcher {
+        let watched = match &self.watcher {
             Some(watcher) => watch_globs(watcher, &daemon.logs),
             None => false,
         };
@@ -178,6 +179,7 @@ impl Supervisor {
             stop: stop.clone(),
             wake: wake_rx,
             watched,
+            watch: self.watcher.clone(),
         };
         let name = daemon.name.clone();
         self.next_id += 1;
@@ -444,6 +446,9 @@ impl Supervisor {
                 tracing::warn!(daemon = %name, %error, "cannot join a reader thread");
             }
         }
+        if let Some(w) = self.watcher.take() {
+            w.shutdown();
+        }
     }
 
     /// Drops the supervisor's own sender so the batcher ends when the readers do.
@@ -606,61 +611,12 @@ fn open_files_budget(configured: usize) -> usize {
     configured.min(usable)
 }
 
-/// Where a reader's hints go, and the directories its globs start from.
-struct Waker {
-    tx: std::sync::mpsc::Sender<Hint>,
-    roots: Vec<std::path::PathBuf>,
-}
-
-impl Waker {
-    /// Whether an event on `paths` may concern this reader (an event without paths may
-    /// concern anyone).
-    fn concerned(&self, paths: &[std::path::PathBuf]) -> bool {
-        paths.is_empty()
-            || paths
-                .iter()
-                .any(|p| self.roots.iter().any(|r| p.starts_with(r)))
-    }
-}
-
-/// A watcher that wakes the readers whose directories an event is in (a hint only), saying
-/// whether names changed (a file created, renamed or removed) or only contents.
-fn make_watcher(wakers: Arc<Mutex<BTreeMap<String, Waker>>>) -> Option<notify::RecommendedWatcher> {
-    use notify::event::{EventKind, ModifyKind};
-    notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let (hint, paths) = match res {
-            Ok(e) => match e.kind {
-                EventKind::Modify(ModifyKind::Data(_)) => (Hint::Data, e.paths),
-                EventKind::Access(_) => return,
-                _ => (Hint::Names, e.paths),
-            },
-            Err(_) => (Hint::Names, Vec::new()),
-        };
-        if let Ok(w) = wakers.lock() {
-            for waker in w.values().filter(|w| w.concerned(&paths)) {
-                let _ = waker.tx.send(hint);
-            }
-        }
-    })
-    .map_err(|error| tracing::warn!(%error, "file notifications unavailable; polling only"))
-    .ok()
-}
-
-/// Watches the directories of `globs`; whether every one of them is watched.
-fn watch_globs(watcher: &mut notify::RecommendedWatcher, globs: &[String]) -> bool {
-    use notify::{RecursiveMode, Watcher};
+/// Watches the directories of `globs` for names; whether every one of them is watched.
+fn watch_globs(watcher: &Watch, globs: &[String]) -> bool {
     let mut all = true;
     for pattern in globs {
         let (dir, recursive) = glob_root(pattern);
-        let mode = if recursive {
-            RecursiveMode::Recursive
-        } else {
-            RecursiveMode::NonRecursive
-        };
-        if let Err(error) = watcher.watch(&dir, mode) {
-            tracing::debug!(dir = %dir.display(), %error, "cannot watch directory; polling it");
-            all = false;
-        }
+        all &= watcher.watch_dir(&dir, recursive);
     }
     all
 }
@@ -700,18 +656,18 @@ mod tests {
     #[test]
     fn a_hint_goes_to_the_readers_whose_directories_it_is_in() {
         let (tx, _rx) = std::sync::mpsc::channel();
-        let w = super::Waker {
+        let w = crate::agent::watch::Waker {
             tx,
             roots: vec![
                 glob_root("/var/log/geo/*.jsonl").0,
                 glob_root("/data/*/logs/*.log").0,
             ],
         };
-        assert!(w.concerned(&[PathBuf::from("/var/log/geo/a.jsonl")]));
-        assert!(w.concerned(&[PathBuf::from("/data/x/logs/b.log")]));
-        assert!(!w.concerned(&[PathBuf::from("/var/log/other/a.jsonl")]));
-        assert!(!w.concerned(&[PathBuf::from("/var/log/geology/a.jsonl")]));
-        assert!(w.concerned(&[]));
+        assert!(w.concerned(Some(&PathBuf::from("/var/log/geo/a.jsonl"))));
+        assert!(w.concerned(Some(&PathBuf::from("/data/x/logs/b.log"))));
+        assert!(!w.concerned(Some(&PathBuf::from("/var/log/other/a.jsonl"))));
+        assert!(!w.concerned(Some(&PathBuf::from("/var/log/geology/a.jsonl"))));
+        assert!(w.concerned(None));
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! module does discovery (globs, rename and copytruncate rotation, deleted-but-open files,
 //! compressed files never read, files claimed by an earlier daemon), holds at most
 //! `max_open_files` open, and checks on every read that the bytes before the read position
-//! are still the bytes it read. Notify events are hints; a poll every [`POLL_INTERVAL`] is the
-//! truth.
+//! are still the bytes it read. File notifications ([`crate::agent::watch`]) are hints; a poll
+//! is the truth.
 
 use crate::agent::activity::{FileActivity, ProgressActivity, SharedActivity};
 use crate::agent::batch::{Checkpoint, FileChunk, Item};
@@ -28,6 +28,7 @@ use serde_json::{json, Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,12 +36,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// How often globs are expanded and files checked when no notify event arrives.
+/// How often globs are expanded and files checked when no notification can arrive.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
-/// The longest poll interval of a reader whose directories are watched, reached by doubling
-/// [`POLL_INTERVAL`] while nothing changes: notify wakes it for new data; the poll is the
-/// safety net for events that were missed.
+/// The longest poll interval of a reader whose directories are watched while something is
+/// pending on time (a possible copy, a file waiting for a slot, a renamed-away file, a degraded
+/// watcher), reached by doubling [`POLL_INTERVAL`] while nothing changes.
 pub const IDLE_POLL_MAX: Duration = Duration::from_secs(5);
+/// The longest poll interval of a reader whose directories are watched and whose files are
+/// all armed for their next write, with nothing pending on time: notifications wake it for
+/// new names and new data; the poll is the safety net.
+pub const IDLE_POLL_ARMED: Duration = Duration::from_secs(30);
 /// How long a file that was renamed away or deleted is kept open after its last growth.
 pub const ROTATED_GRACE: Duration = Duration::from_secs(2);
 /// How long an idle file at EOF stays open before it is let go (reopened when it grows).
@@ -96,8 +101,10 @@ pub struct ReaderSetup {
     /// Notify hints (any message means "look now").
     pub wake: std::sync::mpsc::Receiver<Hint>,
     /// Every directory of the daemon's globs is watched: hints arrive, so the poll may back
-    /// off to [`IDLE_POLL_MAX`] while idle (otherwise it stays at [`POLL_INTERVAL`]).
+    /// off while idle (otherwise it stays at [`POLL_INTERVAL`]).
     pub watched: bool,
+    /// The notifications, to arm files for their next write when idle.
+    pub watch: Option<Arc<crate::agent::watch::Watch>>,
 }
 
 /// Why discovery skips a path until it changes.
@@ -181,6 +188,12 @@ pub struct Reader {
     /// A new file matched at the last discovery was still empty: a data hint means "look for
     /// files again" then, not only "read".
     empty_matched: bool,
+    /// The empty files matched at the last discovery (armed for their first write).
+    empty_paths: Vec<PathBuf>,
+    /// Watch descriptors of the files armed for their next write.
+    armed: HashSet<i32>,
+    /// A file was let go because it was truncated or replaced: look for files again soon.
+    rediscover: bool,
     opts: ParseOptions,
     buf: Vec<u8>,
     lines: Vec<Line>,
@@ -226,6 +239,9 @@ impl Reader {
             reported: HashSet::new(),
             waiting_for_slot: 0,
             empty_matched: false,
+            empty_paths: Vec::new(),
+            armed: HashSet::new(),
+            rediscover: false,
             opts,
             buf: vec![0; READ_BYTES],
             lines: Vec::new(),
@@ -240,6 +256,8 @@ impl Reader {
         self.discover(true);
         let mut last_discover = Instant::now();
         let mut idle_poll = POLL_INTERVAL;
+        // Every file of interest is armed for its next write (since the last wake-up).
+        let mut armed = false;
         loop {
             if self.setup.stop.is_cancelled() {
                 break;
@@ -284,26 +302,53 @@ impl Reader {
             }
             self.let_go();
             let mut names_changed = false;
+            // The watcher can be trusted to wake this reader: polls may be rare.
+            let trusted =
+                self.setup.watched && self.setup.watch.as_ref().is_some_and(|w| w.healthy());
+            let cap = if trusted && self.nothing_pending() {
+                IDLE_POLL_ARMED
+            } else {
+                IDLE_POLL_MAX
+            };
+            idle_poll = idle_poll.min(cap);
             if got_data && !progressed {
                 // Data is flowing and every file is caught up: read again after the debounce,
                 // without waiting for a hint (one wake-up per debounce while a file is
-                // written steadily, however many writes and notify events there are).
-                idle_poll = POLL_INTERVAL;
+                // written steadily, however many writes there are; armed files fired once).
+                if !trusted {
+                    idle_poll = POLL_INTERVAL;
+                }
+                armed = false;
                 std::thread::sleep(wake_debounce(self.setup.max_wait));
             } else if !progressed {
-                // Idle: wait for a hint or the poll interval. A hint usually means a write
-                // has begun; waiting a moment lets a burst of writes be read at once, which
-                // keeps a steadily written file from costing a wake-up per line.
-                match self.setup.wake.recv_timeout(idle_poll) {
+                // Idle: arm the files for their next write first, then read once more (a
+                // write just before the watches were in place is not missed), then wait.
+                if !armed {
+                    armed = true;
+                    if self.arm() {
+                        continue;
+                    }
+                }
+                // A held record is handed over after `max_wait`: wake up for it.
+                let holding = self.files.iter().any(|t| t.parser.holding());
+                let wait = if holding {
+                    idle_poll.min(POLL_INTERVAL)
+                } else {
+                    idle_poll
+                };
+                // A hint usually means a write has begun; waiting a moment lets a burst of
+                // writes be read at once.
+                match self.setup.wake.recv_timeout(wait) {
                     Ok(hint) => {
                         names_changed = hint == Hint::Names || self.empty_matched;
                         idle_poll = POLL_INTERVAL;
+                        armed = false;
                         std::thread::sleep(wake_debounce(self.setup.max_wait));
                     }
                     // Nothing happened for a whole interval: a watched reader polls less
-                    // often (notify still wakes it at once).
+                    // often (a notification still wakes it at once).
                     Err(_) if self.setup.watched => {
-                        idle_poll = (idle_poll * 2).min(IDLE_POLL_MAX);
+                        idle_poll = (idle_poll * 2).min(cap);
                     }
                     Err(_) => {}
                 }
@@ -314,18 +359,64 @@ impl Reader {
             }
             while let Ok(hint) = self.setup.wake.try_recv() {
                 names_changed |= hint == Hint::Names || self.empty_matched;
+                armed = false;
             }
-            // New files are looked for when names change (a file created or rotated), and
-            // otherwise once per poll interval, the safety net for missed events.
-            if names_changed || last_discover.elapsed() >= idle_poll {
+            // New files are looked for when names change (a file created or rotated), after a
+            // file was let go as truncated, and otherwise once per poll interval, the safety
+            // net for missed events.
+            if names_changed || self.rediscover || last_discover.elapsed() >= idle_poll {
                 if self.waiting_for_slot > 0 {
                     self.let_go_finished();
                 }
+                self.rediscover = false;
                 self.discover(false);
                 last_discover = Instant::now();
+                armed = false;
             }
         }
         tracing::debug!(daemon = %name, "reader stopped");
+    }
+
+    /// Arms every file of interest for its next write: the open files (through their
+    /// descriptors, so a renamed-away file is the one armed), files let go while idle or
+    /// waiting as possible copies, and empty files. Watches of files no longer of interest
+    /// are removed. Whether any was armed.
+    fn arm(&mut self) -> bool {
+        let Some(w) = self.setup.watch.clone() else {
+            return false;
+        };
+        let mut now = HashSet::new();
+        for t in &self.files {
+            let target = PathBuf::from(format!("/proc/self/fd/{}", t.file.as_raw_fd()));
+            now.extend(w.arm(&target, &t.path));
+        }
+        for (path, s) in &self.seen {
+            if matches!(s.skip, Skip::Idle | Skip::CopyOf(_)) {
+                now.extend(w.arm(path, path));
+            }
+        }
+        for path in &self.empty_paths {
+            now.extend(w.arm(path, path));
+        }
+        for wd in self.armed.difference(&now) {
+            w.disarm(*wd);
+        }
+        let any = !now.is_empty();
+        self.armed = now;
+        any
+    }
+
+    /// Nothing waits on time: no possible copy, unreadable file or file waiting for a slot,
+    /// no renamed-away file in its grace period, no empty file (its first write must be
+    /// seen), no held record.
+    fn nothing_pending(&self) -> bool {
+        self.waiting_for_slot == 0
+            && !self.empty_matched
+            && self.files.iter().all(|t| !t.rotated && !t.parser.holding())
+            && self
+                .seen
+                .values()
+                .all(|s| !matches!(s.skip, Skip::CopyOf(_) | Skip::Unreadable))
     }
 
     /// Files renamed away first (they will not grow much longer), then the rest.
@@ -407,6 +498,7 @@ impl Reader {
         found.sort_by_key(|(_, m)| !self.catalog.knows(m.dev(), m.ino()));
         self.waiting_for_slot = 0;
         self.empty_matched = false;
+        self.empty_paths.clear();
         for (path, meta) in found {
             self.consider(&path, &meta, startup);
         }
@@ -436,6 +528,7 @@ impl Reader {
     fn truncated(&mut self, i: usize) -> Flow {
         let flow = self.flush_file(i);
         let t = self.files.remove(i);
+        self.rediscover = true;
         self.seen.remove(&t.path);
         self.seen
             .retain(|_, s| !matches!(&s.skip, Skip::CopyOf(k) if *k == t.key));
@@ -551,6 +644,7 @@ impl Reader {
             // Opened once it has bytes: its first write's hint looks again at once (a file
             // created empty and renamed away soon after must not be missed).
             self.empty_matched = true;
+            self.empty_paths.push(path.to_path_buf());
             return;
         }
         if self.files.len() >= self.setup.max_open_files && !self.free_a_slot() {

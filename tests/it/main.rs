@@ -27,5 +27,6 @@ mod supervise;
 mod tidy;
 mod tls;
 mod verify;
+mod wake;
 mod web;
 mod why;

@@ -165,9 +165,20 @@ impl Watcher {
         let table = self.refresh_table(needs_table);
         let uptime = sampler::uptime_now();
         let memory = sampler::read_host_memory();
+        // One host CPU reading for every daemon sampled at host level.
+        let host_cpu = due
+            .iter()
+            .any(|i| !has_discovery(&self.daemons[*i].cfg))
+            .then(sampler::read_host_cpu)
+            .flatten();
         let snap = snapshot(&self.activity);
         for i in due {
-            self.sample_daemon(i, &table, now, wall, uptime, memory, &snap, &mut tick);
+            let host = HostReadings {
+                uptime,
+                memory,
+                cpu: host_cpu,
+            };
+            self.sample_daemon(i, &table, now, wall, host, &snap, &mut tick);
             let d = &mut self.daemons[i];
             d.due = next_after(d.due, d.cfg.metrics_interval, now);
         }
@@ -226,11 +237,15 @@ impl Watcher {
         table: &ProcessTable,
         now: Instant,
         wall: DateTime<Utc>,
-        uptime: f64,
-        memory: Option<sampler::HostMemory>,
+        readings: HostReadings,
         snap: &Activity,
         tick: &mut Tick,
     ) {
+        let HostReadings {
+            uptime,
+            memory,
+            cpu: host_cpu,
+        } = readings;
         let discovery = has_discovery(&self.daemons[i].cfg);
         let roots = if discovery {
             self.roots(i, table)
@@ -240,7 +255,8 @@ impl Watcher {
         let clock = self.clock;
         let host = self.host.clone();
         let d = &mut self.daemons[i];
-        let act = snap.daemons.get(&d.cfg.name).cloned().unwrap_or_default();
+        let none = DaemonActivity::default();
+        let act = snap.daemons.get(&d.cfg.name).unwrap_or(&none);
         let experiment_id = act.last_experiment_id.or(d.cfg.experiment_id);
         let node_id = act.last_node_id.clone().or_else(|| d.cfg.node_id.clone());
         let mut row = MetricRow {
@@ -271,7 +287,7 @@ impl Watcher {
             });
             for change in d.lifecycle.observe(&root_ids, current_alive) {
                 tick.events
-                    .push(lifecycle_event(&host, &d.cfg, &act, change, wall));
+                    .push(lifecycle_event(&host, &d.cfg, act, change, wall));
             }
             let is_alive = !root_ids.is_empty();
             alive = Some(is_alive);
@@ -299,7 +315,7 @@ impl Watcher {
             }
             d.prev = Some(reading);
         } else {
-            let cpu = sampler::read_host_cpu();
+            let cpu = host_cpu;
             row.custom.insert("scope".into(), json!("host"));
             if let (Some(a), Some(b)) = (d.prev_host_cpu, cpu) {
                 row.cpu_percent = sampler::host_cpu_percent(a, b).map(round2);
@@ -360,7 +376,7 @@ impl Watcher {
                         Err(error) => {
                             tracing::warn!(daemon = %d.cfg.name, %error, "Cannot start the stack dump thread; the stall is stored without a diagnosis.");
                             tick.events
-                                .push(stall_event(&host, &d.cfg, &act, &row, again, wall, None));
+                                .push(stall_event(&host, &d.cfg, act, &row, again, wall, None));
                         }
                     }
                 }
@@ -375,7 +391,7 @@ impl Watcher {
                         wall,
                     );
                     tick.events
-                        .push(stall_event(&host, &d.cfg, &act, &row, t, wall, diagnosis));
+                        .push(stall_event(&host, &d.cfg, act, &row, t, wall, diagnosis));
                 }
                 _ => {
                     // A recovery follows its stall: ship a pending one first.
@@ -383,7 +399,7 @@ impl Watcher {
                         tick.events.extend(h.join().ok());
                     }
                     tick.events
-                        .push(stall_event(&host, &d.cfg, &act, &row, t, wall, None));
+                        .push(stall_event(&host, &d.cfg, act, &row, t, wall, None));
                 }
             }
         }
@@ -464,6 +480,14 @@ impl Watcher {
             custom,
         }
     }
+}
+
+/// What one tick reads of the host, once for every daemon.
+#[derive(Clone, Copy)]
+struct HostReadings {
+    uptime: f64,
+    memory: Option<sampler::HostMemory>,
+    cpu: Option<HostCpu>,
 }
 
 /// Whether the daemon has a way to find its process.
