@@ -51,8 +51,17 @@ const KEYS: &[&str] = &[
     "details",
 ];
 
+/// How many keys [`KEYS`] holds.
+pub(crate) const KEY_COUNT: usize = KEYS.len();
+
+/// The column-bearing values of a JSON line, by their index in [`KEYS`].
+pub(crate) type Slots = [Option<Value>; KEY_COUNT];
+
+/// No value in any slot.
+pub(crate) const NO_SLOTS: Slots = [const { None }; KEY_COUNT];
+
 /// The index of a key in [`KEYS`].
-fn slot_of(key: &str) -> Option<usize> {
+pub(crate) fn slot_of(key: &str) -> Option<usize> {
     KEYS.iter().position(|k| *k == key)
 }
 
@@ -89,7 +98,7 @@ const fn const_eq(a: &str, b: &str) -> bool {
 
 /// The fields a record's columns may come from, plus the containers of domain fields.
 struct Fields {
-    slots: Vec<Option<Value>>,
+    slots: Slots,
     /// `context`, `extra` and loguru's `record.extra` objects, in precedence order.
     containers: Vec<(&'static str, Map<String, Value>)>,
     ctx: Map<String, Value>,
@@ -126,7 +135,7 @@ impl Fields {
 /// Builds a record from a JSON object. Never fails.
 pub fn record_from_object(map: Map<String, Value>) -> Record {
     let mut f = Fields {
-        slots: vec![None; KEYS.len()],
+        slots: NO_SLOTS,
         containers: Vec::new(),
         ctx: Map::with_capacity(map.len()),
     };
@@ -142,6 +151,23 @@ pub fn record_from_object(map: Map<String, Value>) -> Record {
             }
         }
     }
+    build(f)
+}
+
+/// Builds a record from the values of the keys in [`KEYS`] alone, as
+/// [`record_from_object`] does for an object without other keys. The caller has kept the
+/// other members aside (they go to context before everything this adds to it) and promises
+/// that none is `_pipewatch` and that the object holds no `record`, `context` or `extra`
+/// (whose handling reads or merges with the other members).
+pub(crate) fn record_from_slots(slots: Slots) -> Record {
+    build(Fields {
+        slots,
+        containers: Vec::new(),
+        ctx: Map::new(),
+    })
+}
+
+fn build(mut f: Fields) -> Record {
     let mut rec = Record::new(String::new());
 
     // Loguru (`serialize=True`): the fields live in `record`.
@@ -360,7 +386,7 @@ pub fn record_from_object(map: Map<String, Value>) -> Record {
     }
 
     // Whatever is left: top-level slots back under their keys, then the containers' keys.
-    let slots = std::mem::take(&mut f.slots);
+    let slots = std::mem::replace(&mut f.slots, NO_SLOTS);
     for (key, v) in KEYS.iter().zip(slots) {
         if let Some(v) = v {
             f.keep(key, v);
