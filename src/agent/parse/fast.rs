@@ -10,7 +10,7 @@
 //! escape, a float whose text would not read back as the same number, more than
 //! [`MAX_KEYS`] keys in one object.
 
-use super::json::{record_from_slots, slot_of, NO_SLOTS};
+use super::json::{record_from_slots, slot_of, Slots, NO_SLOTS};
 use crate::model::Record;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
@@ -20,21 +20,26 @@ use std::io::Write as _;
 /// The most keys of one object the fast path takes (it checks them for repeats).
 const MAX_KEYS: usize = 32;
 
-/// The record of a JSON line, or `None` when the full parser must read it.
-pub(crate) fn record(text: &str) -> Option<Record> {
+/// The record of a JSON line, or `None` when the full parser must read it. `scratch` is a
+/// buffer kept between lines (its contents do not matter).
+pub(crate) fn record(text: &str, scratch: &mut Vec<u8>) -> Option<Record> {
     if text.contains("\\u0000") {
         return None; // NUL escapes are scrubbed (and noted) by the full parser.
     }
     let mut de = serde_json::Deserializer::from_str(text);
-    let mut raw = Vec::new();
-    let slots = (&mut de)
-        .deserialize_map(LineVisitor { raw: &mut raw })
+    let mut slots = NO_SLOTS;
+    scratch.clear();
+    (&mut de)
+        .deserialize_map(LineVisitor {
+            raw: scratch,
+            slots: &mut slots,
+        })
         .ok()?;
     de.end().ok()?;
-    let mut rec = record_from_slots(slots);
-    if !raw.is_empty() {
-        raw.push(b'}');
-        rec.raw_context = String::from_utf8(raw).ok()?;
+    let mut rec = record_from_slots(&mut slots);
+    if !scratch.is_empty() {
+        scratch.push(b'}');
+        rec.raw_context = std::str::from_utf8(scratch).ok()?.to_owned();
     }
     Some(rec)
 }
@@ -47,17 +52,18 @@ fn decline<E: de::Error>() -> E {
 /// The top-level object: column keys into slots, the rest transcoded into `raw`.
 struct LineVisitor<'r> {
     raw: &'r mut Vec<u8>,
+    slots: &'r mut Slots,
 }
 
 impl<'de> Visitor<'de> for LineVisitor<'_> {
-    type Value = super::json::Slots;
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut slots = NO_SLOTS;
+        let slots = self.slots;
         let mut keys = Keys::default();
         while let Some(key) = map.next_key::<Key<'de>>()? {
             let key = key.as_str();
@@ -77,7 +83,7 @@ impl<'de> Visitor<'de> for LineVisitor<'_> {
                 }
             }
         }
-        Ok(slots)
+        Ok(())
     }
 }
 
@@ -254,7 +260,7 @@ mod tests {
     /// equals the full record's serialised context. Returns whether the fast path took it.
     fn check(line: &str) -> bool {
         let full = json_record_full(line.as_bytes(), None);
-        let Some(mut fast) = record(line) else {
+        let Some(mut fast) = record(line, &mut Vec::new()) else {
             return false;
         };
         let raw = fast.raw_context.clone();
@@ -334,7 +340,7 @@ mod tests {
     #[test]
     fn the_bench_line_is_taken_with_its_plain_fields_raw() {
         let line = r#"{"event": "Loaded 1 points", "experiment_id": "6f1c2a4e-0000-4000-8000-000000000001", "node_id": "worker-03", "stage": "ingest", "batch": {"size": 512, "shard": "s-07"}, "duration_ms": 12.3, "seq": 9, "level": "info", "logger": "clusterer.io", "timestamp": "2026-11-30T01:00:00.000001Z"}"#;
-        let rec = record(line).expect("taken");
+        let rec = record(line, &mut Vec::new()).expect("taken");
         assert_eq!(
             rec.raw_context,
             r#"{"batch":{"size":512,"shard":"s-07"},"duration_ms":12.3,"seq":9}"#

@@ -97,14 +97,14 @@ const fn const_eq(a: &str, b: &str) -> bool {
 }
 
 /// The fields a record's columns may come from, plus the containers of domain fields.
-struct Fields {
-    slots: Slots,
+struct Fields<'s> {
+    slots: &'s mut Slots,
     /// `context`, `extra` and loguru's `record.extra` objects, in precedence order.
     containers: Vec<(&'static str, Map<String, Value>)>,
     ctx: Map<String, Value>,
 }
 
-impl Fields {
+impl Fields<'_> {
     fn take(&mut self, i: usize) -> Option<Value> {
         self.slots[i].take()
     }
@@ -134,8 +134,9 @@ impl Fields {
 
 /// Builds a record from a JSON object. Never fails.
 pub fn record_from_object(map: Map<String, Value>) -> Record {
+    let mut slots = NO_SLOTS;
     let mut f = Fields {
-        slots: NO_SLOTS,
+        slots: &mut slots,
         containers: Vec::new(),
         ctx: Map::with_capacity(map.len()),
     };
@@ -159,7 +160,8 @@ pub fn record_from_object(map: Map<String, Value>) -> Record {
 /// other members aside (they go to context before everything this adds to it) and promises
 /// that none is `_pipewatch` and that the object holds no `record`, `context` or `extra`
 /// (whose handling reads or merges with the other members).
-pub(crate) fn record_from_slots(slots: Slots) -> Record {
+/// The slots are left empty.
+pub(crate) fn record_from_slots(slots: &mut Slots) -> Record {
     build(Fields {
         slots,
         containers: Vec::new(),
@@ -167,7 +169,7 @@ pub(crate) fn record_from_slots(slots: Slots) -> Record {
     })
 }
 
-fn build(mut f: Fields) -> Record {
+fn build(mut f: Fields<'_>) -> Record {
     let mut rec = Record::new(String::new());
 
     // Loguru (`serialize=True`): the fields live in `record`.
@@ -386,9 +388,8 @@ fn build(mut f: Fields) -> Record {
     }
 
     // Whatever is left: top-level slots back under their keys, then the containers' keys.
-    let slots = std::mem::replace(&mut f.slots, NO_SLOTS);
-    for (key, v) in KEYS.iter().zip(slots) {
-        if let Some(v) = v {
+    for (key, slot) in KEYS.iter().zip(0..KEY_COUNT) {
+        if let Some(v) = f.slots[slot].take() {
             f.keep(key, v);
         }
     }
@@ -424,7 +425,7 @@ struct Loguru {
 }
 
 impl Loguru {
-    fn apply(&mut self, r: &mut Map<String, Value>, f: &Fields) {
+    fn apply(&mut self, r: &mut Map<String, Value>, f: &Fields<'_>) {
         if let Some(m) = r.remove("message") {
             self.message = Some(value_to_text(m));
         }
@@ -500,7 +501,7 @@ fn traceback_text(v: &Value) -> Option<String> {
     }
 }
 
-fn take_object(f: &mut Fields, i: usize) -> Option<Map<String, Value>> {
+fn take_object(f: &mut Fields<'_>, i: usize) -> Option<Map<String, Value>> {
     match f.take(i) {
         Some(Value::Object(m)) => Some(m),
         other => {
@@ -510,7 +511,7 @@ fn take_object(f: &mut Fields, i: usize) -> Option<Map<String, Value>> {
     }
 }
 
-fn take_if(f: &mut Fields, i: usize, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+fn take_if(f: &mut Fields<'_>, i: usize, pred: impl Fn(&Value) -> bool) -> Option<Value> {
     if f.slots[i].as_ref().is_some_and(pred) {
         f.slots[i].take()
     } else {
@@ -549,7 +550,7 @@ fn set_level(rec: &mut Record, v: Option<Value>, scale: NumericScale) {
     }
 }
 
-fn set_ts(rec: &mut Record, f: &mut Fields, key: &'static str, v: Value) {
+fn set_ts(rec: &mut Record, f: &mut Fields<'_>, key: &'static str, v: Value) {
     match ts_from_value(&v) {
         Some(t) => rec.ts = Some(t),
         None => {

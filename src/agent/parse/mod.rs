@@ -41,6 +41,9 @@ const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
 /// The most continuation lines joined to one record.
 const MAX_HELD_LINES: usize = 10_000;
 
+/// The largest buffer the JSON fast path keeps between lines.
+const MAX_SCRATCH_BYTES: usize = 64 * 1024;
+
 /// A text record waiting for its continuation lines.
 #[derive(Debug)]
 struct Held {
@@ -66,11 +69,17 @@ struct Held {
 pub struct Parser {
     opts: ParseOptions,
     held: Option<Held>,
+    /// The JSON fast path's buffer, kept between lines.
+    scratch: Vec<u8>,
 }
 
 impl Parser {
     pub fn new(opts: ParseOptions) -> Self {
-        Parser { opts, held: None }
+        Parser {
+            opts,
+            held: None,
+            scratch: Vec::new(),
+        }
     }
 
     /// Returns the records completed by this line, each with the file offset just after its
@@ -91,7 +100,8 @@ impl Parser {
         };
         if !text_line {
             self.flush(out);
-            out.push((json_record(&line.bytes, line.truncated_from), line.end));
+            let rec = json_record(&line.bytes, line.truncated_from, &mut self.scratch);
+            out.push((rec, line.end));
             return;
         }
         self.push_text(line, out);
@@ -271,10 +281,14 @@ fn add_notes(rec: &mut Record, cleaned: Cleaned, truncated_from: Option<u64>) {
 
 /// A record from a line read as JSON: the object's fields, or the line as the message with a
 /// `parse_error` note.
-fn json_record(bytes: &[u8], truncated_from: Option<u64>) -> Record {
+fn json_record(bytes: &[u8], truncated_from: Option<u64>, scratch: &mut Vec<u8>) -> Record {
     if truncated_from.is_none() {
         let (text, cleaned) = clean_text(bytes);
-        if let Some(mut rec) = fast::record(&text) {
+        let fast = fast::record(&text, scratch);
+        if scratch.capacity() > MAX_SCRATCH_BYTES {
+            *scratch = Vec::new(); // One long line does not keep its buffer for good.
+        }
+        if let Some(mut rec) = fast {
             add_notes(&mut rec, cleaned, None);
             return rec;
         }
