@@ -90,8 +90,15 @@ pub struct Record {
     pub node_id: Option<String>,
     pub stage: Option<String>,
     /// Every field not mapped to a column, nested objects kept; `_pipewatch` holds the
-    /// agent's own notes.
+    /// agent's own notes. With a non-empty [`Record::raw_context`], only the members that
+    /// follow those: read or change it after [`Record::expand_context`].
     pub context: Map<String, Value>,
+    /// The first members of the context still as JSON text, a whole object (`{"k": v, …}`,
+    /// each value as the line wrote it, keys distinct and not in `context`), or empty. The
+    /// JSON parser's fast path leaves a line's plain fields here so that a record nobody
+    /// looks into is never built as a map; the context is this object's members followed by
+    /// `context`'s.
+    pub raw_context: String,
     pub traceback: Option<String>,
     pub metrics: Option<Value>,
     pub progress: Option<ProgressUpdate>,
@@ -110,6 +117,7 @@ impl Record {
             node_id: None,
             stage: None,
             context: Map::new(),
+            raw_context: String::new(),
             traceback: None,
             metrics: None,
             progress: None,
@@ -117,7 +125,14 @@ impl Record {
         }
     }
 
-    /// Adds a note under `context._pipewatch.<key>`.
+    /// Moves the members of [`Record::raw_context`] into `context`, ahead of its own: after
+    /// this, `context` is the whole context. Call it before reading or changing `context`.
+    pub fn expand_context(&mut self) {
+        self.context = expand(std::mem::take(&mut self.raw_context), &mut self.context);
+    }
+
+    /// Adds a note under `context._pipewatch.<key>` (never in the raw part, so the note
+    /// needs no expansion).
     pub fn note(&mut self, key: &str, value: impl Into<Value>) {
         let notes = self
             .context
@@ -128,6 +143,67 @@ impl Record {
         }
         if let Value::Object(m) = notes {
             m.insert(key.to_string(), value.into());
+        }
+    }
+}
+
+/// `raw` (a JSON object's text, or empty) followed by the members of `rest` as one map.
+fn expand(raw: String, rest: &mut Map<String, Value>) -> Map<String, Value> {
+    if raw.is_empty() {
+        return std::mem::take(rest);
+    }
+    let mut map = match serde_json::from_str::<Map<String, Value>>(&raw) {
+        Ok(m) => m,
+        Err(e) => {
+            // Cannot happen (the parser checked the text); keep it rather than lose it.
+            let mut m = Map::new();
+            m.insert("_pipewatch_raw_context".into(), Value::String(raw));
+            m.insert("_pipewatch_raw_context_error".into(), e.to_string().into());
+            m
+        }
+    };
+    for (k, v) in std::mem::take(rest) {
+        map.insert(k, v);
+    }
+    map
+}
+
+/// A routed `pipeline_logs` row without the columns every row of a file shares (`host`,
+/// `daemon`, `source`): what a reader encodes, with its context possibly still partly text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogFields {
+    pub ts: DateTime<Utc>,
+    pub level: Level,
+    pub message: String,
+    pub logger: Option<String>,
+    pub experiment_id: Option<Uuid>,
+    pub node_id: Option<String>,
+    pub stage: Option<String>,
+    /// The context members after those of `raw_context` (see [`Record::raw_context`]).
+    pub context: Map<String, Value>,
+    pub raw_context: String,
+    pub traceback: Option<String>,
+    pub metrics: Option<Value>,
+}
+
+impl LogFields {
+    /// The whole row, its context as one map.
+    pub fn into_row(mut self, host: &str, daemon: &str, source: Option<&str>) -> LogRow {
+        let context = expand(std::mem::take(&mut self.raw_context), &mut self.context);
+        LogRow {
+            ts: self.ts,
+            level: self.level,
+            message: self.message,
+            logger: self.logger,
+            experiment_id: self.experiment_id,
+            node_id: self.node_id,
+            stage: self.stage,
+            context: Value::Object(context),
+            traceback: self.traceback,
+            metrics: self.metrics,
+            host: host.to_string(),
+            daemon: daemon.to_string(),
+            source: source.map(str::to_string),
         }
     }
 }

@@ -88,6 +88,11 @@ impl LineSplitter {
         }
         let room = self.max_line_bytes.saturating_sub(self.pending.len());
         let keep = room.min(part.len());
+        if self.pending.capacity() == 0 {
+            // A line wholly in one read (the usual case) costs one exact allocation instead
+            // of a chain of doublings.
+            self.pending.reserve_exact(keep);
+        }
         self.pending.extend_from_slice(&part[..keep]);
         self.pending_total += part.len() as u64;
         self.last_was_cr = part.last() == Some(&b'\r');

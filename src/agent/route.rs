@@ -11,7 +11,7 @@
 //! update is routed only when an experiment id is known (`pipeline_progress.experiment_id` is
 //! not null); otherwise the log row notes `_pipewatch.progress_skipped`.
 
-use crate::model::{EventRow, LogRow, ProgressRow, Record};
+use crate::model::{EventRow, LogFields, LogRow, ProgressRow, Record};
 use chrono::{DateTime, Utc};
 use regex::Regex;
 use serde_json::{Map, Value};
@@ -40,8 +40,34 @@ pub struct Routed {
     pub progress: Option<ProgressRow>,
 }
 
+/// The rows one record becomes, its log row without the columns a file's rows share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutedFields {
+    pub log: LogFields,
+    pub event: Option<EventRow>,
+    pub progress: Option<ProgressRow>,
+}
+
 /// Routes a record. `read_time` is used when the record has no time of its own.
-pub fn route(mut record: Record, src: &SourceContext, read_time: DateTime<Utc>) -> Routed {
+pub fn route(record: Record, src: &SourceContext, read_time: DateTime<Utc>) -> Routed {
+    let r = route_fields(record, src, read_time);
+    Routed {
+        log: r.log.into_row(src.host, src.daemon, Some(src.source)),
+        event: r.event,
+        progress: r.progress,
+    }
+}
+
+/// [`route`] without building the shared columns, and leaving a raw context raw unless
+/// routing reads it (path captures, a progress update): what readers encode from.
+pub fn route_fields(
+    mut record: Record,
+    src: &SourceContext,
+    read_time: DateTime<Utc>,
+) -> RoutedFields {
+    if !src.path_captures.is_empty() || record.progress.is_some() {
+        record.expand_context();
+    }
     let ts = record.ts.unwrap_or(read_time);
     let caps = src.path_captures;
 
@@ -113,7 +139,7 @@ pub fn route(mut record: Record, src: &SourceContext, read_time: DateTime<Utc>) 
         daemon: src.daemon.to_string(),
     });
 
-    let log = LogRow {
+    let log = LogFields {
         ts,
         level: record.level,
         message: record.message,
@@ -121,14 +147,12 @@ pub fn route(mut record: Record, src: &SourceContext, read_time: DateTime<Utc>) 
         experiment_id,
         node_id,
         stage,
-        context: Value::Object(record.context),
+        context: record.context,
+        raw_context: record.raw_context,
         traceback: record.traceback,
         metrics: record.metrics,
-        host: src.host.to_string(),
-        daemon: src.daemon.to_string(),
-        source: Some(src.source.to_string()),
     };
-    Routed {
+    RoutedFields {
         log,
         event,
         progress,

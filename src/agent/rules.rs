@@ -437,6 +437,9 @@ struct Group {
 pub struct Rules {
     rules: Vec<Rule>,
     groups: Vec<Group>,
+    /// Whether matching reads the record's context (a context path, or `experiment_id`,
+    /// which falls back to it): then a record's raw context is expanded before matching.
+    match_reads_context: bool,
 }
 
 /// What one matching rule produces for one record.
@@ -998,9 +1001,13 @@ impl Rules {
         if !problems.is_empty() {
             return Err(problems);
         }
+        let match_reads_context = compiled
+            .iter()
+            .any(|g| matches!(g.field, Field::Context(_) | Field::ExperimentId));
         Ok(Rules {
             rules,
             groups: compiled,
+            match_reads_context,
         })
     }
 
@@ -1051,11 +1058,22 @@ impl Rules {
     /// Applies the rules in order to one record: sticky values first (filling only what the
     /// record lacks), then every matching rule until one with `stop`. Never panics, never
     /// fails; values that cannot be converted are noted under `context._pipewatch.rule_error`.
+    ///
+    /// A record's raw context (see [`Record::raw_context`]) is expanded only when something
+    /// reads or changes the context: sticky values, a rule matching on a context path, a rule
+    /// that matched. Without rules and sticky values nothing is done at all.
     pub fn apply(&self, record: &mut Record, sticky: &mut Sticky) {
+        if self.rules.is_empty() && sticky.0.is_empty() {
+            return;
+        }
+        if !sticky.0.is_empty() || self.match_reads_context {
+            record.expand_context();
+        }
         fill_sticky(record, sticky);
         if !self.any_match(record) {
             return;
         }
+        record.expand_context();
         let outputs = self.outputs(record);
         commit(record, sticky, outputs);
     }
@@ -1416,6 +1434,7 @@ pub fn report(rules: &Rules, what: &str, records: Vec<(usize, Record)>) -> Strin
     let mut matched_records = 0usize;
     let total = records.len();
     for (n, mut record) in records {
+        record.expand_context();
         fill_sticky(&mut record, &sticky);
         if !rules.any_match(&record) {
             continue;

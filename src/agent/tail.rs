@@ -19,7 +19,7 @@ use crate::agent::fingerprint::{
 use crate::agent::identity::{self, content_moved, Anchors, Catalog, Mark, Resume, HEAD_BYTES};
 use crate::agent::lines::{Line, LineSplitter};
 use crate::agent::parse::{ParseOptions, Parser};
-use crate::agent::route::{path_captures, route, SourceContext};
+use crate::agent::route::{path_captures, route_fields, SourceContext};
 use crate::agent::rules::Sticky;
 use crate::config::{DaemonConfig, StartAt};
 use crate::model::{EventRow, Level, Record};
@@ -1065,9 +1065,17 @@ impl Reader {
             default_experiment_id: daemon.experiment_id,
             default_node_id: daemon.node_id.as_deref(),
         };
+        let row_src = copyrow::RowSource {
+            host: &host,
+            daemon: &daemon.name,
+            source: Some(&t.source),
+        };
         let max = self.setup.max_records.clamp(1, CHUNK_RECORDS);
         let mut iter = records.into_iter().peekable();
         while iter.peek().is_some() {
+            // The chunk's rows are encoded into shared blocks of this size (split off as
+            // they are written): a few allocations per chunk instead of one per row.
+            let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
             let mut logs = Vec::new();
             let mut bytes = 0usize;
             let mut events = Vec::new();
@@ -1079,7 +1087,7 @@ impl Reader {
                     break;
                 };
                 daemon.rules.apply(&mut rec, &mut t.sticky);
-                let routed = route(rec, &src, now);
+                let routed = route_fields(rec, &src, now);
                 end = rec_end;
                 if let Some(e) = routed.event {
                     events.push(e);
@@ -1087,7 +1095,7 @@ impl Reader {
                 if let Some(p) = routed.progress {
                     progress.push(p);
                 }
-                let row = copyrow::encode(&routed.log);
+                let row = copyrow::encode_fields(&routed.log, row_src, &mut buf);
                 bytes += row.0.len();
                 logs.push(row);
                 seen.count += 1;
@@ -1202,12 +1210,12 @@ fn current_user() -> String {
 struct ChunkSummary {
     count: u64,
     /// The chunk's last records (at most `activity::RECENT_LINES`), newest last.
-    recent: std::collections::VecDeque<crate::model::LogRow>,
+    recent: std::collections::VecDeque<crate::model::LogFields>,
     experiment_id: Option<uuid::Uuid>,
 }
 
 impl ChunkSummary {
-    fn keep(&mut self, row: crate::model::LogRow) {
+    fn keep(&mut self, row: crate::model::LogFields) {
         if self.recent.len() >= crate::agent::activity::RECENT_LINES {
             self.recent.pop_front();
         }

@@ -51,8 +51,17 @@ const KEYS: &[&str] = &[
     "details",
 ];
 
+/// How many keys [`KEYS`] holds.
+pub(crate) const KEY_COUNT: usize = KEYS.len();
+
+/// The column-bearing values of a JSON line, by their index in [`KEYS`].
+pub(crate) type Slots = [Option<Value>; KEY_COUNT];
+
+/// No value in any slot.
+pub(crate) const NO_SLOTS: Slots = [const { None }; KEY_COUNT];
+
 /// The index of a key in [`KEYS`].
-fn slot_of(key: &str) -> Option<usize> {
+pub(crate) fn slot_of(key: &str) -> Option<usize> {
     KEYS.iter().position(|k| *k == key)
 }
 
@@ -88,14 +97,14 @@ const fn const_eq(a: &str, b: &str) -> bool {
 }
 
 /// The fields a record's columns may come from, plus the containers of domain fields.
-struct Fields {
-    slots: Vec<Option<Value>>,
+struct Fields<'s> {
+    slots: &'s mut Slots,
     /// `context`, `extra` and loguru's `record.extra` objects, in precedence order.
     containers: Vec<(&'static str, Map<String, Value>)>,
     ctx: Map<String, Value>,
 }
 
-impl Fields {
+impl Fields<'_> {
     fn take(&mut self, i: usize) -> Option<Value> {
         self.slots[i].take()
     }
@@ -125,8 +134,9 @@ impl Fields {
 
 /// Builds a record from a JSON object. Never fails.
 pub fn record_from_object(map: Map<String, Value>) -> Record {
+    let mut slots = NO_SLOTS;
     let mut f = Fields {
-        slots: vec![None; KEYS.len()],
+        slots: &mut slots,
         containers: Vec::new(),
         ctx: Map::with_capacity(map.len()),
     };
@@ -142,6 +152,24 @@ pub fn record_from_object(map: Map<String, Value>) -> Record {
             }
         }
     }
+    build(f)
+}
+
+/// Builds a record from the values of the keys in [`KEYS`] alone, as
+/// [`record_from_object`] does for an object without other keys. The caller has kept the
+/// other members aside (they go to context before everything this adds to it) and promises
+/// that none is `_pipewatch` and that the object holds no `record`, `context` or `extra`
+/// (whose handling reads or merges with the other members).
+/// The slots are left empty.
+pub(crate) fn record_from_slots(slots: &mut Slots) -> Record {
+    build(Fields {
+        slots,
+        containers: Vec::new(),
+        ctx: Map::new(),
+    })
+}
+
+fn build(mut f: Fields<'_>) -> Record {
     let mut rec = Record::new(String::new());
 
     // Loguru (`serialize=True`): the fields live in `record`.
@@ -360,9 +388,8 @@ pub fn record_from_object(map: Map<String, Value>) -> Record {
     }
 
     // Whatever is left: top-level slots back under their keys, then the containers' keys.
-    let slots = std::mem::take(&mut f.slots);
-    for (key, v) in KEYS.iter().zip(slots) {
-        if let Some(v) = v {
+    for (key, slot) in KEYS.iter().zip(0..KEY_COUNT) {
+        if let Some(v) = f.slots[slot].take() {
             f.keep(key, v);
         }
     }
@@ -398,7 +425,7 @@ struct Loguru {
 }
 
 impl Loguru {
-    fn apply(&mut self, r: &mut Map<String, Value>, f: &Fields) {
+    fn apply(&mut self, r: &mut Map<String, Value>, f: &Fields<'_>) {
         if let Some(m) = r.remove("message") {
             self.message = Some(value_to_text(m));
         }
@@ -474,7 +501,7 @@ fn traceback_text(v: &Value) -> Option<String> {
     }
 }
 
-fn take_object(f: &mut Fields, i: usize) -> Option<Map<String, Value>> {
+fn take_object(f: &mut Fields<'_>, i: usize) -> Option<Map<String, Value>> {
     match f.take(i) {
         Some(Value::Object(m)) => Some(m),
         other => {
@@ -484,7 +511,7 @@ fn take_object(f: &mut Fields, i: usize) -> Option<Map<String, Value>> {
     }
 }
 
-fn take_if(f: &mut Fields, i: usize, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+fn take_if(f: &mut Fields<'_>, i: usize, pred: impl Fn(&Value) -> bool) -> Option<Value> {
     if f.slots[i].as_ref().is_some_and(pred) {
         f.slots[i].take()
     } else {
@@ -523,7 +550,7 @@ fn set_level(rec: &mut Record, v: Option<Value>, scale: NumericScale) {
     }
 }
 
-fn set_ts(rec: &mut Record, f: &mut Fields, key: &'static str, v: Value) {
+fn set_ts(rec: &mut Record, f: &mut Fields<'_>, key: &'static str, v: Value) {
     match ts_from_value(&v) {
         Some(t) => rec.ts = Some(t),
         None => {

@@ -13,6 +13,7 @@
 //! offset; re-reading them after a restart is harmless since they are not records. While
 //! [`Parser::holding`] is true the held record's lines must not be committed.
 
+mod fast;
 pub mod json;
 pub mod normalize;
 pub mod text;
@@ -40,6 +41,9 @@ const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
 /// The most continuation lines joined to one record.
 const MAX_HELD_LINES: usize = 10_000;
 
+/// The largest buffer the JSON fast path keeps between lines.
+const MAX_SCRATCH_BYTES: usize = 64 * 1024;
+
 /// A text record waiting for its continuation lines.
 #[derive(Debug)]
 struct Held {
@@ -65,11 +69,17 @@ struct Held {
 pub struct Parser {
     opts: ParseOptions,
     held: Option<Held>,
+    /// The JSON fast path's buffer, kept between lines.
+    scratch: Vec<u8>,
 }
 
 impl Parser {
     pub fn new(opts: ParseOptions) -> Self {
-        Parser { opts, held: None }
+        Parser {
+            opts,
+            held: None,
+            scratch: Vec::new(),
+        }
     }
 
     /// Returns the records completed by this line, each with the file offset just after its
@@ -90,7 +100,8 @@ impl Parser {
         };
         if !text_line {
             self.flush(out);
-            out.push((json_record(&line.bytes, line.truncated_from), line.end));
+            let rec = json_record(&line.bytes, line.truncated_from, &mut self.scratch);
+            out.push((rec, line.end));
             return;
         }
         self.push_text(line, out);
@@ -236,7 +247,10 @@ pub fn parse_line(line: &[u8], opts: &ParseOptions) -> Option<Record> {
         &mut out,
     );
     p.flush(&mut out);
-    out.pop().map(|(r, _)| r)
+    out.pop().map(|(mut r, _)| {
+        r.expand_context();
+        r
+    })
 }
 
 fn flush_held(held: &mut Option<Held>, out: &mut Vec<(Record, u64)>) {
@@ -267,7 +281,24 @@ fn add_notes(rec: &mut Record, cleaned: Cleaned, truncated_from: Option<u64>) {
 
 /// A record from a line read as JSON: the object's fields, or the line as the message with a
 /// `parse_error` note.
-fn json_record(bytes: &[u8], truncated_from: Option<u64>) -> Record {
+fn json_record(bytes: &[u8], truncated_from: Option<u64>, scratch: &mut Vec<u8>) -> Record {
+    if truncated_from.is_none() {
+        let (text, cleaned) = clean_text(bytes);
+        let fast = fast::record(&text, scratch);
+        if scratch.capacity() > MAX_SCRATCH_BYTES {
+            *scratch = Vec::new(); // One long line does not keep its buffer for good.
+        }
+        if let Some(mut rec) = fast {
+            add_notes(&mut rec, cleaned, None);
+            return rec;
+        }
+        return full_record(&text, cleaned);
+    }
+    json_record_full(bytes, truncated_from)
+}
+
+/// [`json_record`] without the fast path (what the fast path is compared with).
+pub(crate) fn json_record_full(bytes: &[u8], truncated_from: Option<u64>) -> Record {
     if truncated_from.is_some() {
         // A truncated line is never valid JSON: ship the kept prefix.
         let (text, cleaned) = clean_text(trim_partial_char(bytes));
@@ -276,8 +307,13 @@ fn json_record(bytes: &[u8], truncated_from: Option<u64>) -> Record {
         return rec;
     }
     let (text, cleaned) = clean_text(bytes);
+    full_record(&text, cleaned)
+}
+
+/// The record of a whole (not truncated) line's cleaned text, by the full JSON parser.
+fn full_record(text: &str, cleaned: Cleaned) -> Record {
     let mut rec = match first_byte(text.as_bytes()) {
-        Some(b'{') => match serde_json::from_str::<Map<String, Value>>(&text) {
+        Some(b'{') => match serde_json::from_str::<Map<String, Value>>(text) {
             Ok(mut map) => {
                 // A `\u0000` escape decodes to NUL, which PostgreSQL refuses in text and jsonb.
                 let nul = text.contains("\\u0000") && scrub_map(&mut map);
@@ -287,15 +323,15 @@ fn json_record(bytes: &[u8], truncated_from: Option<u64>) -> Record {
                 }
                 rec
             }
-            Err(e) => invalid(&text, format!("invalid JSON: {e}")),
+            Err(e) => invalid(text, format!("invalid JSON: {e}")),
         },
         Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
-            match serde_json::from_str::<Value>(&text) {
-                Ok(v) => invalid(&text, format!("JSON {} is not an object", kind(&v))),
-                Err(e) => invalid(&text, format!("invalid JSON: {e}")),
+            match serde_json::from_str::<Value>(text) {
+                Ok(v) => invalid(text, format!("JSON {} is not an object", kind(&v))),
+                Err(e) => invalid(text, format!("invalid JSON: {e}")),
             }
         }
-        _ => invalid(&text, "not JSON".to_string()),
+        _ => invalid(text, "not JSON".to_string()),
     };
     add_notes(&mut rec, cleaned, None);
     rec
@@ -334,6 +370,9 @@ mod tests {
 
     /// A record as JSON, leaving out empty fields, for exact comparisons.
     fn render(r: &Record) -> Value {
+        let mut r = r.clone();
+        r.expand_context();
+        let r = &r;
         let mut m = Map::new();
         if let Some(t) = r.ts {
             m.insert(
