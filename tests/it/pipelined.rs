@@ -211,3 +211,26 @@ fn a_connection_silent_after_commit_while_the_next_batch_streams_commits_each_on
         "no batch was streamed behind the one that went silent\n{stderr}"
     );
 }
+
+#[test]
+fn an_agent_killed_mid_backlog_with_two_batches_in_flight_resumes_exactly_once() {
+    let env = Env::new();
+    let (proxy, cfg) = backlog(&env);
+    let agent = env.spawn(&cfg);
+    // Killed once a second connection carries batches and part of the backlog is committed.
+    let rows = || env.count("SELECT count(*) FROM pipeline_logs WHERE daemon = 'app'");
+    let midway = wait_until(Duration::from_secs(30), || {
+        proxy.connections().0 >= 2 && rows() >= 2000
+    });
+    agent.kill9();
+    let at_kill = rows();
+    assert!(midway, "no second connection, or nothing committed");
+    assert!(
+        at_kill < BACKLOG as i64,
+        "the backlog was done before the kill ({at_kill} rows): nothing was in flight"
+    );
+    let out = env.run_once(&cfg);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    judge_backlog(&env, &stderr);
+}
