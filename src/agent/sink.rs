@@ -727,7 +727,11 @@ impl Sink {
                     self.land(front, out).await?;
                     return Ok(None);
                 }
-                Ok(Some(b)) if (b.full || self.spare.is_some()) && self.may_overlap() => b,
+                Ok(Some(b))
+                    if (b.full || self.spare.is_some()) && !b.is_empty() && self.may_overlap() =>
+                {
+                    b
+                }
                 Ok(other) => {
                     let out = (&mut front.write).await;
                     self.land(front, out).await?;

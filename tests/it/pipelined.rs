@@ -143,7 +143,7 @@ fn a_batch_rolled_back_while_the_next_streams_behind_it_is_retried_first_then_th
     let (proxy, cfg) = backlog(&env);
     // Batch N's connection closes instead of sending its COMMIT (the server rolls N back)
     // while N+1, streamed behind it, waits for the agent's row: N+1 must not commit.
-    proxy.arm_at(Fault::DropBeforeCommit, 20);
+    proxy.arm_in_overlap(Fault::DropBeforeCommit);
     let out = env.run_once(&cfg);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr}");
@@ -163,7 +163,7 @@ fn a_lost_commit_reply_while_the_next_batch_streams_behind_it_commits_each_once(
     // N commits but its reply is lost and its connection closed (new ones are refused for a
     // moment); N+1, streamed behind it on the other connection, finds N committed and
     // commits: N must not be committed again.
-    proxy.arm_at(Fault::LoseReply(Duration::from_millis(500)), 20);
+    proxy.arm_in_overlap(Fault::LoseReply(Duration::from_millis(500)));
     let out = env.run_once(&cfg);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr}");
@@ -191,7 +191,7 @@ fn a_connection_silent_after_commit_while_the_next_batch_streams_commits_each_on
     .unwrap();
     // N's COMMIT reaches the server, then its connection goes silent for good; new
     // connections are silent too until healed. N+1, streamed behind it, finds N committed.
-    proxy.arm_at(Fault::SilenceAfterCommit, 20);
+    proxy.arm_in_overlap(Fault::SilenceAfterCommit);
     let out = std::thread::scope(|s| {
         let run = s.spawn(|| env.run_once(&cfg));
         assert!(
@@ -210,4 +210,27 @@ fn a_connection_silent_after_commit_while_the_next_batch_streams_commits_each_on
         stderr.contains("the batch streamed behind it committed, so it had committed too"),
         "no batch was streamed behind the one that went silent\n{stderr}"
     );
+}
+
+#[test]
+fn an_agent_killed_mid_backlog_with_two_batches_in_flight_resumes_exactly_once() {
+    let env = Env::new();
+    let (proxy, cfg) = backlog(&env);
+    let agent = env.spawn(&cfg);
+    // Killed once a second connection carries batches and part of the backlog is committed.
+    let rows = || env.count("SELECT count(*) FROM pipeline_logs WHERE daemon = 'app'");
+    let midway = wait_until(Duration::from_secs(30), || {
+        proxy.connections().0 >= 2 && rows() >= 2000
+    });
+    agent.kill9();
+    let at_kill = rows();
+    assert!(midway, "no second connection, or nothing committed");
+    assert!(
+        at_kill < BACKLOG as i64,
+        "the backlog was done before the kill ({at_kill} rows): nothing was in flight"
+    );
+    let out = env.run_once(&cfg);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    judge_backlog(&env, &stderr);
 }

@@ -11,7 +11,8 @@
 //!   [`Proxy::heal`];
 //! * or close the connection instead of forwarding the COMMIT: the server rolls back
 //!   ([`Fault::DropBeforeCommit`]);
-//! * at the next COMMIT, or at a later one ([`Proxy::arm_at`]).
+//! * at the next COMMIT, a later one ([`Proxy::arm_at`]), or the next one sent while another
+//!   connection is inside a transaction ([`Proxy::arm_in_overlap`]).
 //!
 //! Threads only; every socket is polled with a short read timeout so dropping the proxy ends
 //! them.
@@ -45,6 +46,8 @@ struct Control {
     armed: Option<Fault>,
     /// COMMITs to let pass before the armed fault.
     skip: usize,
+    /// Fire only at a COMMIT sent while another connection is inside a transaction.
+    overlap: bool,
     refuse_until: Option<Instant>,
     /// New connections start silent.
     silent: bool,
@@ -57,6 +60,8 @@ struct Shared {
     stop: AtomicBool,
     accepted: AtomicUsize,
     refused: AtomicUsize,
+    /// Connections inside a transaction (between a `BEGIN…` and a `COMMIT`/`ROLLBACK` query).
+    in_tx: AtomicUsize,
 }
 
 /// One proxied connection's state, seen by both directions.
@@ -90,6 +95,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             accepted: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
+            in_tx: AtomicUsize::new(0),
         });
         let s = shared.clone();
         let accept = std::thread::spawn(move || accept_loop(listener, s));
@@ -128,6 +134,16 @@ impl Proxy {
         let mut c = self.control();
         c.armed = Some(fault);
         c.skip = skip;
+        c.overlap = false;
+    }
+
+    /// Injects `fault` at the first COMMIT sent while another connection is inside a
+    /// transaction (the agent streams a batch behind the one committing).
+    pub fn arm_in_overlap(&self, fault: Fault) {
+        let mut c = self.control();
+        c.armed = Some(fault);
+        c.skip = 0;
+        c.overlap = true;
     }
 
     /// Faults injected so far, with when.
@@ -210,6 +226,13 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// Whether a frontend message is a simple query that begins with `word` (case-insensitive).
+fn is_query(kind: u8, body: &[u8], word: &str) -> bool {
+    kind == b'Q'
+        && body.len() >= word.len()
+        && body[..word.len()].eq_ignore_ascii_case(word.as_bytes())
+}
+
 /// Whether a frontend message is the simple query `COMMIT`.
 fn is_commit(kind: u8, body: &[u8]) -> bool {
     kind == b'Q'
@@ -253,6 +276,27 @@ fn client_to_server(
     link: Arc<Link>,
 ) {
     let mut pending: Vec<u8> = Vec::new();
+    // Whether this connection is inside a transaction, counted in `shared.in_tx` until it
+    // ends or the connection does.
+    struct InTx<'a>(&'a Shared, bool);
+    impl InTx<'_> {
+        fn set(&mut self, on: bool) {
+            if on != self.1 {
+                if on {
+                    self.0.in_tx.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    self.0.in_tx.fetch_sub(1, Ordering::SeqCst);
+                }
+                self.1 = on;
+            }
+        }
+    }
+    impl Drop for InTx<'_> {
+        fn drop(&mut self) {
+            self.set(false);
+        }
+    }
+    let mut in_tx = InTx(&shared, false);
     // The startup packet (and an SSL/GSS request before it) has no type byte.
     let mut untyped = true;
     // After TLS starts the stream cannot be parsed: pass it through.
@@ -322,10 +366,17 @@ fn client_to_server(
                 }
                 continue;
             }
-            let fault = if is_commit(message[0], &message[5..]) {
+            let commit = is_commit(message[0], &message[5..]);
+            if is_query(message[0], &message[5..], "BEGIN") {
+                in_tx.set(true);
+            }
+            let fault = if commit {
                 let mut c = shared.control.lock().expect("proxy control lock");
+                let others = shared.in_tx.load(Ordering::SeqCst) - usize::from(in_tx.1);
                 let fault = if c.armed.is_some() && c.skip > 0 {
                     c.skip -= 1;
+                    None
+                } else if c.overlap && others == 0 {
                     None
                 } else {
                     c.armed.take()
@@ -357,6 +408,9 @@ fn client_to_server(
                     let _ = server.shutdown(Shutdown::Both);
                     return;
                 }
+            }
+            if commit || is_query(message[0], &message[5..], "ROLLBACK") {
+                in_tx.set(false);
             }
             if server.write_all(&message).is_err() {
                 return;
