@@ -60,8 +60,9 @@ struct Opts {
     /// Skip the steady-load and outage phases (steps 5–6).
     #[arg(long)]
     skip_steady: bool,
-    /// An earlier pipewatch binary: its `run --once` (without rules) alternates with this
-    /// build's, for a same-run before/after of the backfill.
+    /// An earlier `pipewatch` binary for a same-run before/after: its `run --once` (without
+    /// rules) alternates with this build's, and the steady and idle phases run with it first;
+    /// the table gives its figures and the ratios.
     #[arg(long, env = "BENCH_BASELINE")]
     baseline: Option<PathBuf>,
 }
@@ -562,6 +563,63 @@ fn cpu_precise(pid: u32) -> anyhow::Result<f64> {
     Ok(ns as f64 / 1e9)
 }
 
+/// Per-thread CPU of a process: (thread id, name) → (ns on CPU, times scheduled), from
+/// `/proc/PID/task/*/{comm,schedstat}`.
+fn thread_cpu(pid: u32) -> std::collections::BTreeMap<(String, String), (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.path().join("comm")),
+            std::fs::read_to_string(task.path().join("schedstat")),
+        ) else {
+            continue;
+        };
+        let f: Vec<u64> = stat
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if f.len() >= 3 {
+            let tid = task.file_name().to_string_lossy().into_owned();
+            out.insert((tid, comm.trim().to_string()), (f[0], f[2]));
+        }
+    }
+    out
+}
+
+/// Prints where the CPU went between two [`thread_cpu`] snapshots, by thread kind (the
+/// readers `read-*` together): ms on CPU and wake-ups (times scheduled).
+fn print_threads(
+    label: &str,
+    before: &std::collections::BTreeMap<(String, String), (u64, u64)>,
+    after: &std::collections::BTreeMap<(String, String), (u64, u64)>,
+) {
+    let mut kinds: std::collections::BTreeMap<String, (u64, u64, usize)> = Default::default();
+    for (key, (ns, n)) in after {
+        let (ns0, n0) = before.get(key).copied().unwrap_or((0, 0));
+        let kind = if key.1.starts_with("read-") {
+            "read-*".to_string()
+        } else {
+            key.1.clone()
+        };
+        let e = kinds.entry(kind).or_default();
+        e.0 += ns.saturating_sub(ns0);
+        e.1 += n.saturating_sub(n0);
+        e.2 += 1;
+    }
+    let mut line = format!("  {label} per thread (ms CPU / wake-ups):");
+    for (kind, (ns, n, threads)) in &kinds {
+        let _ = write!(line, " {kind}");
+        if *threads > 1 {
+            let _ = write!(line, "×{threads}");
+        }
+        let _ = write!(line, " {:.1}/{n};", *ns as f64 / 1e6);
+    }
+    println!("{}", line.trim_end_matches(';'));
+}
+
 /// CPU seconds of a PostgreSQL server: the postmaster's own and reaped children's
 /// (utime+stime+cutime+cstime) plus every live child's utime+stime. Backends that ended are
 /// counted through the postmaster's cutime/cstime, so a before/after difference is exact to
@@ -885,6 +943,7 @@ async fn steady_and_outage(bench: &mut Bench, opts: &Opts) -> anyhow::Result<Ste
         opts.rate, opts.steady_secs
     );
     let cpu0 = cpu_precise(pid)?;
+    let threads0 = thread_cpu(pid);
     let t0 = Instant::now();
     let mut steady_rss_max = 0;
     while t0.elapsed() < Duration::from_secs(opts.steady_secs) {
@@ -892,6 +951,7 @@ async fn steady_and_outage(bench: &mut Bench, opts: &Opts) -> anyhow::Result<Ste
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let cpu1 = cpu_precise(pid)?;
+    print_threads("steady", &threads0, &thread_cpu(pid));
     let window = t0.elapsed().as_secs_f64();
     let steady_hwm = common::vm_bytes(pid, "VmHWM")?;
     let steady_rows = written.load(Ordering::SeqCst);
@@ -1064,9 +1124,11 @@ async fn idle_run(bench: &mut Bench, secs: u64) -> anyhow::Result<f64> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!("  idle: {IDLE_DAEMONS} daemons, nothing written, for {secs} s …");
     let cpu0 = cpu_precise(pid)?;
+    let threads0 = thread_cpu(pid);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let cpu = cpu_precise(pid)? - cpu0;
+    print_threads("idle", &threads0, &thread_cpu(pid));
     let window = t0.elapsed().as_secs_f64();
     let mut child = guard
         .0
@@ -1342,7 +1404,31 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
 
     if !opts.skip_steady {
         // 5 and 6.
+        let base = match &opts.baseline {
+            Some(b) => {
+                println!("  baseline {}:", b.display());
+                let this = std::mem::replace(&mut bench.bin, b.clone());
+                let s = steady_and_outage(&mut bench, &opts).await;
+                bench.bin = this;
+                Some(s?)
+            }
+            None => None,
+        };
         let s = steady_and_outage(&mut bench, &opts).await?;
+        if let Some(b) = &base {
+            summary.add(
+                "baseline: steady agent CPU % / p99 ms",
+                format!("{:.2} / {:.0}", b.cpu_percent, b.p99_ms),
+                "",
+                None,
+            );
+            summary.add(
+                "steady agent CPU: this / baseline",
+                format!("{:.2}", s.cpu_percent / b.cpu_percent),
+                "",
+                None,
+            );
+        }
         println!(
             "  steady: {} lines in the window; latency max {:.0} ms; caught up {:.1} s after the restart",
             s.steady_rows, s.max_ms, s.catchup_secs
@@ -1403,6 +1489,18 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
     }
 
     if opts.idle_secs > 0 {
+        if let Some(b) = &opts.baseline {
+            println!("  baseline {}:", b.display());
+            let this = std::mem::replace(&mut bench.bin, b.clone());
+            let idle = idle_run(&mut bench, opts.idle_secs).await;
+            bench.bin = this;
+            summary.add(
+                &format!("baseline: {IDLE_DAEMONS} idle daemons: agent CPU %"),
+                format!("{:.3}", idle?),
+                "",
+                None,
+            );
+        }
         let idle = idle_run(&mut bench, opts.idle_secs).await?;
         summary.add(
             &format!("{IDLE_DAEMONS} idle daemons: agent CPU % of one core"),

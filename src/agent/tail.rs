@@ -315,9 +315,9 @@ impl Reader {
                 // Data is flowing and every file is caught up: read again after the debounce,
                 // without waiting for a hint (one wake-up per debounce while a file is
                 // written steadily, however many writes there are; armed files fired once).
-                if !trusted {
-                    idle_poll = POLL_INTERVAL;
-                }
+                // Watched: a new or renamed file is a name event and a truncation is seen by
+                // the read itself, so the safety-net poll stays backed off (not every 250 ms).
+                idle_poll = if trusted { cap } else { POLL_INTERVAL };
                 armed = false;
                 std::thread::sleep(wake_debounce(self.setup.max_wait));
             } else if !progressed {

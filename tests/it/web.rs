@@ -110,9 +110,18 @@ fn web_view_in_a_browser_against_a_real_agent() {
         ));
     }
     append(&alpha, &lines);
-    append(&beta, &[progress("other", Some("root"), 10.0)]);
     let cfg = env.config(DAEMONS);
     let agent = env.spawn(&cfg);
+    // Siblings come in the order they first appeared; two daemons' readers race, so beta's
+    // node is written once alpha's are stored.
+    assert!(
+        wait_until(Duration::from_secs(60), || env.count(
+            "SELECT count(*) FROM pipeline_progress WHERE node_id = 'step'"
+        ) == 1),
+        "alpha's progress was not shipped:\n{}",
+        agent.stderr()
+    );
+    append(&beta, &[progress("other", Some("root"), 10.0)]);
     let logs_expected = CORPUS.len() as i64 + 3; // + the three progress lines
     assert!(
         wait_until(Duration::from_secs(60), || {

@@ -90,7 +90,7 @@ impl Watcher {
             .map(|d| d.metrics_interval)
             .min()
             .unwrap_or(DEFAULT_METRICS_INTERVAL);
-        let snapshot = snapshot(&activity);
+        let snapshot = snapshot(&activity, &|_| false);
         let mut w = Watcher {
             host,
             sys: System::new(),
@@ -171,7 +171,13 @@ impl Watcher {
             .any(|i| !has_discovery(&self.daemons[*i].cfg))
             .then(sampler::read_host_cpu)
             .flatten();
-        let snap = snapshot(&self.activity);
+        let lines: Vec<&str> = self
+            .daemons
+            .iter()
+            .filter(|d| has_discovery(&d.cfg))
+            .map(|d| d.cfg.name.as_str())
+            .collect();
+        let snap = snapshot(&self.activity, &|name| lines.contains(&name));
         for i in due {
             let host = HostReadings {
                 uptime,
@@ -506,14 +512,39 @@ fn next_after(due: Instant, interval: Duration, now: Instant) -> Instant {
 }
 
 /// A copy of what the metrics need from the shared activity (the lock is held only to copy).
-fn snapshot(activity: &SharedActivity) -> Activity {
+/// A daemon's last lines are copied only when `with_lines` says so (they go into exit
+/// events, which only daemons with a process to watch have).
+fn snapshot(activity: &SharedActivity, with_lines: &dyn Fn(&str) -> bool) -> Activity {
     // A writer that panicked left plain data behind; reading it is still sound.
     let a = activity.lock().unwrap_or_else(|e| e.into_inner());
+    let daemons = a
+        .daemons
+        .iter()
+        .map(|(name, d)| {
+            let copy = if with_lines(name) {
+                d.clone()
+            } else {
+                DaemonActivity {
+                    records_read: d.records_read,
+                    last_read_at: d.last_read_at,
+                    last_record_ts: d.last_record_ts,
+                    last_level: d.last_level,
+                    last_message: d.last_message.clone(),
+                    last_stage: d.last_stage.clone(),
+                    last_node_id: d.last_node_id.clone(),
+                    last_experiment_id: d.last_experiment_id,
+                    progress: d.progress.clone(),
+                    recent_lines: Default::default(),
+                }
+            };
+            (name.clone(), copy)
+        })
+        .collect();
     Activity {
-        daemons: a.daemons.clone(),
+        daemons,
         files: a.files.clone(),
         agent: a.agent.clone(),
-        unreadable: a.unreadable.clone(),
+        unreadable: Default::default(),
     }
 }
 
