@@ -131,6 +131,11 @@ impl Record {
         self.context = expand(std::mem::take(&mut self.raw_context), &mut self.context);
     }
 
+    /// Whether the context has `key`, in its raw part or in `context`, without expanding it.
+    pub fn context_has(&self, key: &str) -> bool {
+        self.context.contains_key(key) || raw_has_key(&self.raw_context, key)
+    }
+
     /// Adds a note under `context._pipewatch.<key>` (never in the raw part, so the note
     /// needs no expansion).
     pub fn note(&mut self, key: &str, value: impl Into<Value>) {
@@ -145,6 +150,58 @@ impl Record {
             m.insert(key.to_string(), value.into());
         }
     }
+}
+
+/// Whether `raw` (a JSON object's text as `serde_json` writes it: no whitespace, or empty)
+/// has the top-level key `key`.
+fn raw_has_key(raw: &str, key: &str) -> bool {
+    if raw.is_empty() {
+        return false;
+    }
+    // The key as serde_json writes it (quoted; escaped only when it must be).
+    let plain = key.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\');
+    let escaped;
+    let want: &[u8] = if plain {
+        key.as_bytes()
+    } else {
+        match serde_json::to_string(key) {
+            Ok(e) => {
+                escaped = e;
+                &escaped.as_bytes()[1..escaped.len() - 1]
+            }
+            Err(_) => return false,
+        }
+    };
+    let b = raw.as_bytes();
+    let (mut depth, mut i, mut expect_key) = (0usize, 0usize, false);
+    while i < b.len() {
+        match b[i] {
+            b'{' => {
+                depth += 1;
+                expect_key = depth == 1;
+            }
+            b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b',' => expect_key = depth == 1,
+            b'"' => {
+                // A string: find its closing quote (escapes skip a byte).
+                let mut j = i + 1;
+                while j < b.len() && b[j] != b'"' {
+                    j += if b[j] == b'\\' { 2 } else { 1 };
+                }
+                let end = (j + 1).min(b.len());
+                if expect_key && b.get(i + 1..j) == Some(want) {
+                    return true;
+                }
+                expect_key = false;
+                i = end;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 /// `raw` (a JSON object's text, or empty) followed by the members of `rest` as one map.
@@ -266,4 +323,37 @@ pub struct MetricRow {
     pub disk_used_percent: Option<f64>,
     pub records_per_sec: Option<f64>,
     pub custom: Map<String, Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_keys_are_found_at_the_top_level_only() {
+        let raw = r#"{"a":{"b":1,"c":[{"d":2}]},"e\"q":"f","g":"a","h\\":null}"#;
+        for (key, has) in [
+            ("a", true),
+            ("b", false),
+            ("c", false),
+            ("d", false),
+            ("e\"q", true),
+            ("f", false),
+            ("g", true),
+            ("h\\", true),
+            ("h", false),
+            ("", false),
+        ] {
+            assert_eq!(raw_has_key(raw, key), has, "key {key:?}");
+        }
+        assert!(!raw_has_key("", "a"));
+        let mut r = Record::new("m");
+        r.raw_context = raw.to_string();
+        r.context.insert("z".into(), Value::Null);
+        assert!(r.context_has("z") && r.context_has("g") && !r.context_has("b"));
+        r.expand_context();
+        let keys: Vec<&str> = r.context.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a", "e\"q", "g", "h\\", "z"]);
+        assert!(r.raw_context.is_empty());
+    }
 }

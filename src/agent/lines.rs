@@ -22,6 +22,43 @@ pub struct Line {
     pub truncated_from: Option<u64>,
 }
 
+/// A complete line as [`LineSplitter::each_line`] hands it out: a [`Line`], borrowed from the
+/// bytes fed (or, for a line that spanned two reads, from the splitter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineRef<'a> {
+    pub bytes: &'a [u8],
+    pub start: u64,
+    pub end: u64,
+    pub truncated_from: Option<u64>,
+}
+
+impl LineRef<'_> {
+    /// The line with its own copy of the bytes.
+    pub fn to_line(self) -> Line {
+        Line {
+            bytes: self.bytes.to_vec(),
+            start: self.start,
+            end: self.end,
+            truncated_from: self.truncated_from,
+        }
+    }
+}
+
+impl Line {
+    /// The line, borrowed.
+    pub fn as_line_ref(&self) -> LineRef<'_> {
+        LineRef {
+            bytes: &self.bytes,
+            start: self.start,
+            end: self.end,
+            truncated_from: self.truncated_from,
+        }
+    }
+}
+
+/// The largest buffer for a line spanning reads that is kept for the next such line.
+const KEEP_PENDING_BYTES: usize = 64 * 1024;
+
 /// Splits a stream of chunks into [`Line`]s, holding an incomplete last line.
 #[derive(Debug, Clone)]
 pub struct LineSplitter {
@@ -54,12 +91,22 @@ impl LineSplitter {
 
     /// Feeds the next bytes read from the file; pushes each complete line to `out`.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<Line>) {
+        self.each_line(chunk, |line| out.push(line.to_line()));
+    }
+
+    /// Feeds the next bytes read from the file; calls `f` with each complete line, borrowed:
+    /// a line wholly inside `chunk` is not copied at all.
+    pub fn each_line(&mut self, chunk: &[u8], mut f: impl FnMut(LineRef<'_>)) {
         let mut rest = chunk;
         while !rest.is_empty() {
             match memchr::memchr(b'\n', rest) {
                 Some(i) => {
-                    self.absorb(&rest[..i]);
-                    self.finish_line(out);
+                    if self.pending_total == 0 {
+                        self.whole_line(&rest[..i], &mut f);
+                    } else {
+                        self.absorb(&rest[..i]);
+                        self.finish_line(&mut f);
+                    }
                     rest = &rest[i + 1..];
                 }
                 None => {
@@ -98,19 +145,35 @@ impl LineSplitter {
         self.last_was_cr = part.last() == Some(&b'\r');
     }
 
+    /// Hands out a line that lies wholly in the bytes fed (`part`, without its `'\n'`), as
+    /// [`LineSplitter::finish_line`] would after absorbing it.
+    fn whole_line(&mut self, part: &[u8], f: &mut impl FnMut(LineRef<'_>)) {
+        let content_len = part.len() - usize::from(part.last() == Some(&b'\r'));
+        let truncated_from = (content_len > self.max_line_bytes).then_some(content_len as u64);
+        let start = self.line_start;
+        let end = start + part.len() as u64 + 1;
+        f(LineRef {
+            bytes: &part[..content_len.min(self.max_line_bytes)],
+            start,
+            end,
+            truncated_from,
+        });
+        self.line_start = end;
+    }
+
     /// Hands out the current line, its `'\n'` having just been seen.
-    fn finish_line(&mut self, out: &mut Vec<Line>) {
+    fn finish_line(&mut self, f: &mut impl FnMut(LineRef<'_>)) {
         let content_len = self.pending_total - u64::from(self.last_was_cr);
         let truncated_from = (content_len > self.max_line_bytes as u64).then_some(content_len);
-        let mut bytes = std::mem::take(&mut self.pending);
-        if (bytes.len() as u64) > content_len {
+        let mut len = self.pending.len();
+        if (len as u64) > content_len {
             // Only the trailing '\r' can make the kept bytes longer than the content.
-            bytes.truncate(bytes.len() - 1);
+            len -= 1;
         }
         let start = self.line_start;
         let end = start + self.pending_total + 1;
-        out.push(Line {
-            bytes,
+        f(LineRef {
+            bytes: &self.pending[..len],
             start,
             end,
             truncated_from,
@@ -118,6 +181,10 @@ impl LineSplitter {
         self.line_start = end;
         self.pending_total = 0;
         self.last_was_cr = false;
+        self.pending.clear();
+        if self.pending.capacity() > KEEP_PENDING_BYTES {
+            self.pending = Vec::new();
+        }
     }
 }
 

@@ -1060,13 +1060,14 @@ impl Rules {
     /// fails; values that cannot be converted are noted under `context._pipewatch.rule_error`.
     ///
     /// A record's raw context (see [`Record::raw_context`]) is expanded only when something
-    /// reads or changes the context: sticky values, a rule matching on a context path, a rule
-    /// that matched. Without rules and sticky values nothing is done at all.
+    /// reads or changes it: a rule matching on a context path, a rule that matched (sticky
+    /// values only add keys the context lacks). Without rules and sticky values nothing is
+    /// done at all.
     pub fn apply(&self, record: &mut Record, sticky: &mut Sticky) {
         if self.rules.is_empty() && sticky.0.is_empty() {
             return;
         }
-        if !sticky.0.is_empty() || self.match_reads_context {
+        if self.match_reads_context {
             record.expand_context();
         }
         fill_sticky(record, sticky);
@@ -1400,17 +1401,20 @@ fn set_value(
                     record.experiment_id = Some(u);
                 }
             }
-            Err(_) => {
-                if overwrite || !record.context.contains_key(key) {
-                    record.context.insert(key.to_string(), value.clone());
-                }
-            }
+            Err(_) => set_context(record, key, value, overwrite),
         },
-        _ => {
-            if overwrite || !record.context.contains_key(key) {
-                record.context.insert(key.to_string(), value.clone());
-            }
-        }
+        _ => set_context(record, key, value, overwrite),
+    }
+}
+
+/// Sets a context key (only when absent unless `overwrite`); a raw context is expanded only to
+/// overwrite, since a key it lacks may be added after it.
+fn set_context(record: &mut Record, key: &str, value: &Value, overwrite: bool) {
+    if overwrite {
+        record.expand_context();
+        record.context.insert(key.to_string(), value.clone());
+    } else if !record.context_has(key) {
+        record.context.insert(key.to_string(), value.clone());
     }
 }
 
@@ -1557,6 +1561,63 @@ mod tests {
                 None => format!("[{}].{}: {}", p.index, p.key, p.reason),
             })
             .collect()
+    }
+
+    /// Rules give the same records whether a record's context is still raw (the parser's
+    /// fast path) or already a map: sticky values, `set`, context fields, templates.
+    #[test]
+    fn raw_and_expanded_contexts_give_the_same_records() {
+        let sticky_rule = "[[rules]]\nmatch = '^phase (?P<p>\\w+)'\nset = { phase = \"{p}\", seq = \"{p}\" }\nsticky = true\n";
+        let event_rule = "[[rules]]\nmatch = 'done'\nevent = { event_type = \"done\", severity = \"info\", details = { b = \"{record.context.batch.shard}\" } }\n";
+        let context_rule = "[[rules]]\nmatch = '^w(?P<w>\\d)'\nfield = \"context.worker\"\nset = { from_ctx = \"{record.context.batch.size}\", worker_seen = \"yes\" }\n";
+        // Without and with a rule matching on a context field (which expands every record).
+        for text in [
+            format!("{sticky_rule}{event_rule}"),
+            format!("{sticky_rule}{context_rule}{event_rule}"),
+        ] {
+            check_raw_and_expanded(&compile(&text));
+        }
+    }
+
+    fn check_raw_and_expanded(rules: &Rules) {
+        use crate::agent::parse::{ParseOptions, Parser};
+        let lines = [
+            r#"{"msg": "start", "worker": "w1", "seq": 1, "batch": {"size": 512, "shard": "s-1"}}"#,
+            r#"{"msg": "phase main", "seq": 2, "batch": {"size": 1, "shard": "s-2"}}"#,
+            r#"{"msg": "work", "phase": "own", "worker": "w2", "batch": {"size": 2}}"#,
+            r#"{"msg": "work done", "batch": {"size": 3, "shard": "s-3"}}"#,
+            r#"{"msg": "no context at all"}"#,
+        ];
+        let mut p = Parser::new(ParseOptions {
+            format: crate::config::Format::Auto,
+            text_pattern: None,
+        });
+        let (mut raw_sticky, mut map_sticky) = (Sticky::default(), Sticky::default());
+        let mut raw_seen = 0;
+        for line in lines {
+            let mut out = Vec::new();
+            let bytes = line.as_bytes().to_vec();
+            p.push(
+                crate::agent::lines::Line {
+                    end: bytes.len() as u64 + 1,
+                    bytes,
+                    start: 0,
+                    truncated_from: None,
+                },
+                &mut out,
+            );
+            let (mut raw, _) = out.pop().expect("a record");
+            raw_seen += usize::from(!raw.raw_context.is_empty());
+            let mut map = raw.clone();
+            map.expand_context();
+            rules.apply(&mut raw, &mut raw_sticky);
+            rules.apply(&mut map, &mut map_sticky);
+            raw.expand_context();
+            assert_eq!(raw, map, "line {line}");
+        }
+        assert_eq!(raw_seen, 4);
+        assert_eq!(raw_sticky.0, map_sticky.0);
+        assert_eq!(raw_sticky.0.get("phase"), Some(&json!("main")));
     }
 
     /// Applies `rules` to one record with the given message.

@@ -17,7 +17,7 @@ use crate::agent::fingerprint::{
     window_tail_hash, TAIL_BYTES,
 };
 use crate::agent::identity::{self, content_moved, Anchors, Catalog, Mark, Resume, HEAD_BYTES};
-use crate::agent::lines::{Line, LineSplitter};
+use crate::agent::lines::LineSplitter;
 use crate::agent::parse::{ParseOptions, Parser};
 use crate::agent::route::{path_captures, route_fields, SourceContext};
 use crate::agent::rules::Sticky;
@@ -196,7 +196,6 @@ pub struct Reader {
     rediscover: bool,
     opts: ParseOptions,
     buf: Vec<u8>,
-    lines: Vec<Line>,
     records: Vec<(Record, u64)>,
 }
 
@@ -244,7 +243,6 @@ impl Reader {
             rediscover: false,
             opts,
             buf: vec![0; READ_BYTES],
-            lines: Vec::new(),
             records: Vec::new(),
         }
     }
@@ -944,18 +942,23 @@ impl Reader {
                 t.head.extend_from_slice(&self.buf[from..upto]);
             }
         }
-        self.lines.clear();
-        t.splitter.push(&self.buf[..n], &mut self.lines);
-        let skip = self.lines.len().saturating_sub(identity::ANCHORS);
-        for line in &self.lines[skip..] {
-            if let Some(h) = window_tail_fnv(&t.carry, &self.buf[..n], buf_start, line.end) {
-                t.anchors.push(line.end, h);
-            }
-        }
         self.records.clear();
-        for line in self.lines.drain(..) {
-            t.parser.push(line, &mut self.records);
-        }
+        // Lines are parsed where they lie in the buffer; every line end is remembered (the
+        // ring keeps the last `identity::ANCHORS`).
+        let (buf, records) = (&self.buf[..n], &mut self.records);
+        let Tracked {
+            splitter,
+            parser,
+            anchors,
+            carry,
+            ..
+        } = t;
+        splitter.each_line(buf, |line| {
+            if let Some(h) = window_tail_fnv(carry, buf, buf_start, line.end) {
+                anchors.push(line.end, h);
+            }
+            parser.push_ref(line, records);
+        });
         let records = std::mem::take(&mut self.records);
         let flow = if records.is_empty() {
             Flow::Continue

@@ -18,7 +18,7 @@ pub mod json;
 pub mod normalize;
 pub mod text;
 
-use crate::agent::lines::Line;
+use crate::agent::lines::{Line, LineRef};
 use crate::config::Format;
 use crate::model::Record;
 use normalize::{clean_text, scrub_map, trim_partial_char, Cleaned};
@@ -85,7 +85,12 @@ impl Parser {
     /// Returns the records completed by this line, each with the file offset just after its
     /// last line (the position that may be committed once it is shipped).
     pub fn push(&mut self, line: Line, out: &mut Vec<(Record, u64)>) {
-        if is_blank(&line.bytes) {
+        self.push_ref(line.as_line_ref(), out);
+    }
+
+    /// [`Parser::push`] for a borrowed line (what readers use: no copy of a JSON line).
+    pub fn push_ref(&mut self, line: LineRef<'_>, out: &mut Vec<(Record, u64)>) {
+        if is_blank(line.bytes) {
             if let Some(h) = &mut self.held {
                 h.blanks += 1;
             }
@@ -95,12 +100,12 @@ impl Parser {
             Format::Text => true,
             Format::Json => false,
             Format::Auto => {
-                self.opts.text_pattern.is_some() && first_byte(&line.bytes) != Some(b'{')
+                self.opts.text_pattern.is_some() && first_byte(line.bytes) != Some(b'{')
             }
         };
         if !text_line {
             self.flush(out);
-            let rec = json_record(&line.bytes, line.truncated_from, &mut self.scratch);
+            let rec = json_record(line.bytes, line.truncated_from, &mut self.scratch);
             out.push((rec, line.end));
             return;
         }
@@ -117,10 +122,10 @@ impl Parser {
         self.held.is_some()
     }
 
-    fn push_text(&mut self, line: Line, out: &mut Vec<(Record, u64)>) {
+    fn push_text(&mut self, line: LineRef<'_>, out: &mut Vec<(Record, u64)>) {
         let bytes = match line.truncated_from {
-            Some(_) => trim_partial_char(&line.bytes),
-            None => &line.bytes[..],
+            Some(_) => trim_partial_char(line.bytes),
+            None => line.bytes,
         };
         let (text, cleaned) = clean_text(bytes);
         let caps = self
