@@ -212,6 +212,14 @@ struct Template {
 }
 
 impl Template {
+    /// Whether rendering reads the record's context (`{record.context.…}`, or
+    /// `{record.experiment_id}`, which falls back to it).
+    fn reads_context(&self) -> bool {
+        self.pieces
+            .iter()
+            .any(|p| matches!(p, Piece::Field(Field::Context(_) | Field::ExperimentId)))
+    }
+
     /// Parses `src`; capture names are checked against `re` when it compiled.
     fn parse(src: &str, re: Option<&Regex>) -> Result<Template, String> {
         let mut pieces = Vec::new();
@@ -342,6 +350,10 @@ enum Val {
 }
 
 impl Val {
+    fn reads_context(&self) -> bool {
+        matches!(self, Val::Text(t) if t.reads_context())
+    }
+
     fn render(&self, caps: &Captures<'_>, r: &Record) -> String {
         match self {
             Val::Text(t) => t.render(caps, r),
@@ -373,6 +385,10 @@ enum DetailVal {
 }
 
 impl DetailVal {
+    fn reads_context(&self) -> bool {
+        matches!(self, DetailVal::Text(t) if t.reads_context())
+    }
+
     fn render(&self, caps: &Captures<'_>, r: &Record) -> Value {
         match self {
             DetailVal::Text(t) => Value::String(t.render(caps, r)),
@@ -423,6 +439,29 @@ struct Rule {
     stop: bool,
 }
 
+impl Rule {
+    /// Whether what this rule produces reads the record's context (a template naming it).
+    fn outputs_read_context(&self) -> bool {
+        let details = |d: &[(String, DetailVal)]| d.iter().any(|(_, v)| v.reads_context());
+        let progress = self.progress.as_ref().is_some_and(|p| {
+            p.node_id.reads_context()
+                || [&p.parent_node_id, &p.level, &p.name, &p.status]
+                    .into_iter()
+                    .chain([&p.percent, &p.items_done, &p.items_total])
+                    .flatten()
+                    .any(Val::reads_context)
+                || details(&p.details)
+        });
+        let event = self.event.as_ref().is_some_and(|e| {
+            e.event_type.reads_context()
+                || matches!(&e.severity, Severity::Text(t) if t.reads_context())
+                || e.message.as_ref().is_some_and(Template::reads_context)
+                || details(&e.details)
+        });
+        progress || event || details(&self.set)
+    }
+}
+
 /// The rules that read one field, matched together by one `RegexSet`.
 #[derive(Debug, Clone)]
 struct Group {
@@ -440,6 +479,9 @@ pub struct Rules {
     /// Whether matching reads the record's context (a context path, or `experiment_id`,
     /// which falls back to it): then a record's raw context is expanded before matching.
     match_reads_context: bool,
+    /// Whether a rule's output reads the record's context: then a matched record's raw
+    /// context is expanded before the outputs are rendered.
+    outputs_read_context: bool,
 }
 
 /// What one matching rule produces for one record.
@@ -1004,10 +1046,12 @@ impl Rules {
         let match_reads_context = compiled
             .iter()
             .any(|g| matches!(g.field, Field::Context(_) | Field::ExperimentId));
+        let outputs_read_context = rules.iter().any(Rule::outputs_read_context);
         Ok(Rules {
             rules,
             groups: compiled,
             match_reads_context,
+            outputs_read_context,
         })
     }
 
@@ -1060,9 +1104,10 @@ impl Rules {
     /// fails; values that cannot be converted are noted under `context._pipewatch.rule_error`.
     ///
     /// A record's raw context (see [`Record::raw_context`]) is expanded only when something
-    /// reads or changes it: a rule matching on a context path, a rule that matched (sticky
-    /// values only add keys the context lacks). Without rules and sticky values nothing is
-    /// done at all.
+    /// reads it or overwrites one of its keys: a rule matching on a context path, a matched
+    /// rule whose output names the context, a `set` of a key the raw context holds (keys it
+    /// lacks, and sticky values, are added after it). Without rules and sticky values nothing
+    /// is done at all.
     pub fn apply(&self, record: &mut Record, sticky: &mut Sticky) {
         if self.rules.is_empty() && sticky.0.is_empty() {
             return;
@@ -1074,7 +1119,9 @@ impl Rules {
         if !self.any_match(record) {
             return;
         }
-        record.expand_context();
+        if self.outputs_read_context {
+            record.expand_context();
+        }
         let outputs = self.outputs(record);
         commit(record, sticky, outputs);
     }
@@ -1408,10 +1455,12 @@ fn set_value(
 }
 
 /// Sets a context key (only when absent unless `overwrite`); a raw context is expanded only to
-/// overwrite, since a key it lacks may be added after it.
+/// overwrite a key it holds, since a key it lacks may be added after it.
 fn set_context(record: &mut Record, key: &str, value: &Value, overwrite: bool) {
     if overwrite {
-        record.expand_context();
+        if !record.raw_context.is_empty() && record.context_has(key) {
+            record.expand_context();
+        }
         record.context.insert(key.to_string(), value.clone());
     } else if !record.context_has(key) {
         record.context.insert(key.to_string(), value.clone());
@@ -1570,8 +1619,12 @@ mod tests {
         let sticky_rule = "[[rules]]\nmatch = '^phase (?P<p>\\w+)'\nset = { phase = \"{p}\", seq = \"{p}\" }\nsticky = true\n";
         let event_rule = "[[rules]]\nmatch = 'done'\nevent = { event_type = \"done\", severity = \"info\", details = { b = \"{record.context.batch.shard}\" } }\n";
         let context_rule = "[[rules]]\nmatch = '^w(?P<w>\\d)'\nfield = \"context.worker\"\nset = { from_ctx = \"{record.context.batch.size}\", worker_seen = \"yes\" }\n";
-        // Without and with a rule matching on a context field (which expands every record).
+        let plain_rule = "[[rules]]\nmatch = 'work'\nset = { tag = \"w\", worker = \"set\" }\nevent = { event_type = \"work\", severity = \"info\" }\n";
+        // Without and with a rule matching on a context field (which expands every record),
+        // and with no output naming the context (a matched record stays raw unless a key it
+        // holds is overwritten).
         for text in [
+            format!("{sticky_rule}{plain_rule}"),
             format!("{sticky_rule}{event_rule}"),
             format!("{sticky_rule}{context_rule}{event_rule}"),
         ] {
