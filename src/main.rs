@@ -36,8 +36,7 @@ fn main() -> ExitCode {
         }
         _ => tokio::runtime::Builder::new_current_thread(),
     };
-    let runtime = match builder.enable_all().build()
-    {
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             note(&format!("cannot start the async runtime: {e}"));
