@@ -56,11 +56,6 @@ pub const COPY_WAIT: Duration = Duration::from_secs(10);
 /// The longest a new file waits as a possible copy, however it grows meanwhile (a file that
 /// stays a growing prefix of another, e.g. written through `tee`, is a file of its own).
 pub const COPY_WAIT_MAX: Duration = Duration::from_secs(60);
-/// How long a reader woken by a notify hint waits before reading: a tenth of `max_wait`, at
-/// most 50 ms, so a line still reaches the sink well within `max_wait`.
-fn wake_debounce(max_wait: Duration) -> Duration {
-    (max_wait / 10).min(Duration::from_millis(50))
-}
 
 /// How often a file that could not be opened is tried again.
 const UNREADABLE_RETRY: Duration = Duration::from_secs(30);
@@ -317,7 +312,7 @@ impl Reader {
                 // the read itself, so the safety-net poll stays backed off (not every 250 ms).
                 idle_poll = if trusted { cap } else { POLL_INTERVAL };
                 armed = false;
-                std::thread::sleep(wake_debounce(self.setup.max_wait));
+                std::thread::sleep(crate::agent::batch::read_debounce(self.setup.max_wait));
             } else if !progressed {
                 // Idle: arm the files for their next write first, then read once more (a
                 // write just before the watches were in place is not missed), then wait.
@@ -341,7 +336,7 @@ impl Reader {
                         names_changed = hint == Hint::Names || self.empty_matched;
                         idle_poll = POLL_INTERVAL;
                         armed = false;
-                        std::thread::sleep(wake_debounce(self.setup.max_wait));
+                        std::thread::sleep(crate::agent::batch::read_debounce(self.setup.max_wait));
                     }
                     // Nothing happened for a whole interval: a watched reader polls less
                     // often (a notification still wakes it at once).
