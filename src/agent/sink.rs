@@ -646,7 +646,7 @@ impl Sink {
     /// Commits the batches `batches` yields, in order, until it closes: the agent's sink loop.
     ///
     /// A batch that arrives full while the one before it commits — a backlog — is streamed
-    /// meanwhile on a second connection and commits right after it ([`pipelined`], streamed
+    /// meanwhile on a second connection and commits right after it (`pipelined`, streamed
     /// behind). The second connection is opened only then and closed once unused for
     /// [`SPARE_IDLE`]. When a batch fails, the batch streamed behind it is awaited (it can only
     /// commit after finding the failed one committed), then whatever is not known committed
