@@ -137,6 +137,19 @@ fn judge_backlog(env: &Env, stderr: &str) {
     assert_eq!(behind, 0, "a position was committed out of order\n{stderr}");
 }
 
+/// The run succeeded, [`judge_backlog`] holds, and its log shows the case under test
+/// happened: a batch had been streamed behind the one that failed (`note` is what the sink
+/// says then; `case` names the failure for the message).
+fn judge_overlap(env: &Env, out: &std::process::Output, note: &str, case: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    judge_backlog(env, &stderr);
+    assert!(
+        stderr.contains(note),
+        "no batch was streamed behind the one {case}\n{stderr}"
+    );
+}
+
 #[test]
 fn a_batch_rolled_back_while_the_next_streams_behind_it_is_retried_first_then_the_next() {
     let env = Env::new();
@@ -145,14 +158,17 @@ fn a_batch_rolled_back_while_the_next_streams_behind_it_is_retried_first_then_th
     // while N+1, streamed behind it, waits for the agent's row: N+1 must not commit.
     proxy.arm_in_overlap(Fault::DropBeforeCommit);
     let out = env.run_once(&cfg);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{stderr}");
-    assert_eq!(proxy.fired().len(), 1, "{stderr}");
-    judge_backlog(&env, &stderr);
-    // And it was the case under test: a batch had been streamed behind the failed one.
-    assert!(
-        stderr.contains("the batch streamed behind it did not commit either"),
-        "no batch was streamed behind the failed one\n{stderr}"
+    assert_eq!(
+        proxy.fired().len(),
+        1,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    judge_overlap(
+        &env,
+        &out,
+        "the batch streamed behind it did not commit either",
+        "that failed",
     );
 }
 
@@ -165,14 +181,17 @@ fn a_lost_commit_reply_while_the_next_batch_streams_behind_it_commits_each_once(
     // commits: N must not be committed again.
     proxy.arm_in_overlap(Fault::LoseReply(Duration::from_millis(500)));
     let out = env.run_once(&cfg);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{stderr}");
-    assert_eq!(proxy.fired().len(), 1, "{stderr}");
-    judge_backlog(&env, &stderr);
-    // And it was the case under test: a batch had been streamed behind the failed one.
-    assert!(
-        stderr.contains("the batch streamed behind it committed, so it had committed too"),
-        "no batch was streamed behind the one whose reply was lost\n{stderr}"
+    assert_eq!(
+        proxy.fired().len(),
+        1,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    judge_overlap(
+        &env,
+        &out,
+        "the batch streamed behind it committed, so it had committed too",
+        "whose reply was lost",
     );
 }
 
@@ -202,13 +221,11 @@ fn a_connection_silent_after_commit_while_the_next_batch_streams_commits_each_on
         proxy.heal();
         run.join().unwrap()
     });
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{stderr}");
-    judge_backlog(&env, &stderr);
-    // And it was the case under test: a batch had been streamed behind the failed one.
-    assert!(
-        stderr.contains("the batch streamed behind it committed, so it had committed too"),
-        "no batch was streamed behind the one that went silent\n{stderr}"
+    judge_overlap(
+        &env,
+        &out,
+        "the batch streamed behind it committed, so it had committed too",
+        "that went silent",
     );
 }
 
