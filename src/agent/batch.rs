@@ -239,19 +239,31 @@ impl Limits {
     }
 }
 
-/// How long a reader lets a steadily written file gather lines before reading it again (and
-/// waits after a notification): a quarter of `max_wait`, at most 125 ms. A line may wait that
-/// long before it is read, so a batch waits for more items only for the rest of `max_wait`
+/// How often a reader reads a steadily written file (and how long it waits after a
+/// notification, at most): 90 % of `max_wait`, at most 250 ms. A line may wait that long
+/// before it is read, so a batch waits for more items only for the rest of `max_wait`
 /// ([`batch_wait`]): a line is still committed within `max_wait` (plus the commit) of being
-/// written, with a few reads per batch instead of ten.
+/// written. Every reader reads on one shared grid of this period ([`until_next_read`]), so
+/// the chunks of all the files written at once arrive together and make one batch: at the
+/// default 200 ms, one read of each busy file and one commit every 180 ms, each batch waiting
+/// 20 ms for the other readers' chunks.
 pub fn read_debounce(max_wait: Duration) -> Duration {
-    (max_wait / 4).min(Duration::from_millis(125))
+    (max_wait * 9 / 10).min(Duration::from_millis(250))
 }
 
 /// How long a batch waits for more items after its first: `max_wait` less the readers'
 /// [`read_debounce`].
 pub fn batch_wait(max_wait: Duration) -> Duration {
     max_wait.saturating_sub(read_debounce(max_wait))
+}
+
+/// How long until the next read of the readers' shared grid (period [`read_debounce`],
+/// counted from the first call in this process): at most one period.
+pub fn until_next_read(max_wait: Duration) -> Duration {
+    static GRID: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let period = read_debounce(max_wait).as_nanos().max(1);
+    let into = GRID.get_or_init(std::time::Instant::now).elapsed().as_nanos() % period;
+    Duration::from_nanos(u64::try_from(period - into).unwrap_or(u64::MAX))
 }
 
 /// Receives items and hands out batches: a batch closes when it holds `max_records` log rows,
@@ -423,6 +435,25 @@ mod tests {
         assert_eq!((second.logs.len(), second.barriers.len()), (1, 0));
     }
 
+    #[test]
+    fn readers_read_on_one_grid() {
+        // Two readers asking at different moments are told the same next read (or one a whole
+        // period later), never a moment of their own.
+        let max_wait = Duration::from_millis(200);
+        let period = read_debounce(max_wait);
+        let first = std::time::Instant::now() + until_next_read(max_wait);
+        std::thread::sleep(Duration::from_millis(37));
+        let wait = until_next_read(max_wait);
+        assert!(wait <= period);
+        let second = std::time::Instant::now() + wait;
+        let apart = second.saturating_duration_since(first).as_secs_f64();
+        let periods = apart / period.as_secs_f64();
+        assert!(
+            (periods - periods.round()).abs() < 0.02,
+            "next reads {apart:.4} s apart, not a whole number of {period:?} periods"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn closes_after_max_wait() {
         let (tx, rx) = mpsc::channel(16);
@@ -431,8 +462,8 @@ mod tests {
         let started = Instant::now();
         let batch = b.next().await.unwrap();
         assert_eq!(batch.logs.len(), 1);
-        // 200 ms less the readers' 50 ms debounce: a line waits at most 200 ms in all.
-        assert_eq!(started.elapsed(), Duration::from_millis(150));
+        // 200 ms less the readers' 180 ms between reads: a line waits at most 200 ms in all.
+        assert_eq!(started.elapsed(), Duration::from_millis(20));
         drop(tx);
     }
 
@@ -495,11 +526,11 @@ mod tests {
         let waiting = b.next().await.unwrap();
         assert_eq!((committing.logs.len(), waiting.logs.len()), (2, 1));
         // Three of the four units are held: the next batch has room for one item only, until
-        // the sink finishes the first batch 50 ms later.
+        // the sink finishes the first batch halfway through the batch's wait.
         tx.send(sized_chunk("a", 1, 4, 10_000)).await.unwrap();
         tx.send(sized_chunk("a", 1, 5, 10_000)).await.unwrap();
         let next = tokio::spawn(async move { b.next().await.map(|batch| batch.logs.len()) });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(batch_wait(Duration::from_millis(200)) / 2).await;
         drop(committing);
         assert_eq!(next.await.unwrap(), Some(2));
         drop(waiting);

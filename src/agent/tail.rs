@@ -298,21 +298,22 @@ impl Reader {
             // The watcher can be trusted to wake this reader: polls may be rare.
             let trusted =
                 self.setup.watched && self.setup.watch.as_ref().is_some_and(|w| w.healthy());
-            let cap = if trusted && self.nothing_pending() {
-                IDLE_POLL_ARMED
-            } else {
-                IDLE_POLL_MAX
-            };
-            idle_poll = idle_poll.min(cap);
+            let calm = trusted && self.nothing_pending();
+            let cap = if calm { IDLE_POLL_ARMED } else { IDLE_POLL_MAX };
+            // Nothing waits on time and a write or a new name wakes this reader: the
+            // safety-net poll starts backed off instead of doubling its way up from 250 ms.
+            idle_poll = if calm { cap } else { idle_poll.min(cap) };
             if got_data && !progressed {
-                // Data is flowing and every file is caught up: read again after the debounce,
-                // without waiting for a hint (one wake-up per debounce while a file is
-                // written steadily, however many writes there are; armed files fired once).
+                // Data is flowing and every file is caught up: read again at the next read of
+                // the readers' shared grid, without waiting for a hint (one wake-up per period
+                // while a file is written steadily, however many writes there are, and in step
+                // with the other readers, so their chunks make one batch; armed files fired
+                // once).
                 // Watched: a new or renamed file is a name event and a truncation is seen by
                 // the read itself, so the safety-net poll stays backed off (not every 250 ms).
                 idle_poll = if trusted { cap } else { POLL_INTERVAL };
                 armed = false;
-                std::thread::sleep(crate::agent::batch::read_debounce(self.setup.max_wait));
+                std::thread::sleep(crate::agent::batch::until_next_read(self.setup.max_wait));
             } else if !progressed {
                 // Idle: arm the files for their next write first, then read once more (a
                 // write just before the watches were in place is not missed), then wait.
@@ -329,14 +330,14 @@ impl Reader {
                 } else {
                     idle_poll
                 };
-                // A hint usually means a write has begun; waiting a moment lets a burst of
-                // writes be read at once.
+                // A hint usually means a write has begun; waiting for the grid's next read lets
+                // a burst of writes be read at once, in the same batch as the other readers'.
                 match self.setup.wake.recv_timeout(wait) {
                     Ok(hint) => {
                         names_changed = hint == Hint::Names || self.empty_matched;
                         idle_poll = POLL_INTERVAL;
                         armed = false;
-                        std::thread::sleep(crate::agent::batch::read_debounce(self.setup.max_wait));
+                        std::thread::sleep(crate::agent::batch::until_next_read(self.setup.max_wait));
                     }
                     // Nothing happened for a whole interval: a watched reader polls less
                     // often (a notification still wakes it at once).
