@@ -67,6 +67,10 @@ struct Opts {
     /// the table gives its figures and the ratios.
     #[arg(long, env = "BENCH_BASELINE")]
     baseline: Option<PathBuf>,
+    /// `[batch] max_records` of the backfill agents (both builds); the default is the agent's
+    /// own default. For finding out what a batch costs the server.
+    #[arg(long, env = "BENCH_MAX_RECORDS")]
+    max_records: Option<u64>,
 }
 
 const HOST: &str = "bench-host";
@@ -166,9 +170,20 @@ impl Bench {
     }
 
     /// Writes a config for one daemon tailing `glob`, with or without the 20 rules.
-    fn config(&self, name: &str, glob: &Path, rules: bool) -> anyhow::Result<PathBuf> {
-        let mut text = format!(
-            "[agent]\nhost = \"{HOST}\"\n\n[daemons.{DAEMON}]\nlogs = [\"{}\"]\n",
+    fn config(
+        &self,
+        name: &str,
+        glob: &Path,
+        rules: bool,
+        max_records: Option<u64>,
+    ) -> anyhow::Result<PathBuf> {
+        let mut text = format!("[agent]\nhost = \"{HOST}\"\n\n");
+        if let Some(n) = max_records {
+            let _ = write!(text, "[batch]\nmax_records = {n}\n\n");
+        }
+        let _ = write!(
+            text,
+            "[daemons.{DAEMON}]\nlogs = [\"{}\"]\n",
             glob.display()
         );
         if rules {
@@ -218,6 +233,53 @@ async fn query_i64(url: &str, sql: &str) -> anyhow::Result<i64> {
         .await
         .with_context(|| sql.to_string())?;
     Ok(row.try_get::<_, i64>(0)?)
+}
+
+/// Before a measured run: a `CHECKPOINT` writes out the pages that creating and migrating
+/// the fresh database dirtied, so that no run's window is charged for them (otherwise the
+/// backend or the background writer writes them during the window, as much for the COPY as
+/// for the agent, but not always as much). Returns the WAL insert position, to measure how
+/// much WAL the run wrote (see [`Written::since`]).
+async fn settle(url: &str) -> anyhow::Result<String> {
+    let client = common::connect(url).await?;
+    client.batch_execute("CHECKPOINT").await?;
+    let row = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// What a run left on the server: WAL written since `lsn`, and the size of `pipeline_logs`
+/// (all partitions, their indexes and TOAST).
+struct Written {
+    wal: i64,
+    table: i64,
+}
+
+impl Written {
+    async fn since(url: &str, lsn: &str) -> anyhow::Result<Written> {
+        let row = common::connect(url)
+            .await?
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)::int8, \
+                 (SELECT sum(pg_total_relation_size(i.inhrelid))::int8 FROM pg_inherits i \
+                  WHERE i.inhparent = 'pipeline_logs'::regclass)",
+                &[&lsn],
+            )
+            .await?;
+        Ok(Written {
+            wal: row.try_get(0)?,
+            table: row.try_get::<_, Option<i64>>(1)?.unwrap_or(0),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "WAL {:.1} MiB, table {:.1} MiB",
+            self.wal as f64 / MIB,
+            self.table as f64 / MIB
+        )
+    }
 }
 
 /// Fields 3.. of /proc/PID/stat (after the command name, which may contain spaces).
@@ -313,11 +375,62 @@ fn print_threads(
     println!("{}", line.trim_end_matches(';'));
 }
 
-/// CPU seconds of a PostgreSQL server: the postmaster's own and reaped children's
-/// (utime+stime+cutime+cstime) plus every live child's utime+stime. Backends that ended are
-/// counted through the postmaster's cutime/cstime, so a before/after difference is exact to
-/// the clock tick.
-fn server_cpu(postmaster: u32) -> anyhow::Result<f64> {
+/// CPU seconds of a PostgreSQL server by kind of process: `ended` is the postmaster's own and
+/// its reaped children's (utime+stime+cutime+cstime: backends and autovacuum workers that
+/// ended), the others are live children by the title PostgreSQL gives them (`backend`,
+/// `autovacuum`, `checkpointer`, `walwriter`, `bgwriter`, `other`). A before/after difference
+/// of the total is exact to the clock tick; of a kind, as long as its processes live through
+/// the window or end inside it (then they move to `ended`).
+#[derive(Clone, Debug, Default)]
+struct ServerCpu(std::collections::BTreeMap<&'static str, f64>);
+
+impl ServerCpu {
+    fn total(&self) -> f64 {
+        self.0.values().sum()
+    }
+
+    /// Per-kind difference `self - before`.
+    fn since(&self, before: &ServerCpu) -> ServerCpu {
+        let mut out = self.clone();
+        for (k, v) in &before.0 {
+            *out.0.entry(k).or_default() -= v;
+        }
+        out
+    }
+
+    /// "backend 1.95 checkpointer 0.02 …", the kinds that used at least 5 ms.
+    fn describe(&self) -> String {
+        let mut s = String::new();
+        for (k, v) in &self.0 {
+            if v.abs() >= 0.005 {
+                let _ = write!(s, "{k} {v:.2} ");
+            }
+        }
+        s.trim_end().to_string()
+    }
+}
+
+/// The kind of a PostgreSQL child from its process title.
+fn server_kind(pid: u32) -> &'static str {
+    let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let title = String::from_utf8_lossy(&title);
+    let t = title.trim_start_matches("postgres: ");
+    if t.starts_with("autovacuum") {
+        "autovacuum"
+    } else if t.starts_with("checkpointer") {
+        "checkpointer"
+    } else if t.starts_with("walwriter") {
+        "walwriter"
+    } else if t.starts_with("background writer") {
+        "bgwriter"
+    } else if t.starts_with("logical replication") {
+        "other"
+    } else {
+        "backend"
+    }
+}
+
+fn server_cpu(postmaster: u32) -> anyhow::Result<ServerCpu> {
     let f = stat_fields(postmaster)?;
     let field = |f: &[String], n: usize| -> anyhow::Result<f64> {
         // Field n of stat is f[n - 3].
@@ -325,7 +438,12 @@ fn server_cpu(postmaster: u32) -> anyhow::Result<f64> {
             .ok_or_else(|| anyhow!("short /proc stat"))?
             .parse::<f64>()?)
     };
-    let mut ticks = field(&f, 14)? + field(&f, 15)? + field(&f, 16)? + field(&f, 17)?;
+    let hz = clock_ticks();
+    let mut out = ServerCpu::default();
+    out.0.insert(
+        "ended",
+        (field(&f, 14)? + field(&f, 15)? + field(&f, 16)? + field(&f, 17)?) / hz,
+    );
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
         let Some(pid) = entry
@@ -338,10 +456,11 @@ fn server_cpu(postmaster: u32) -> anyhow::Result<f64> {
         // A process may end between the listing and the read.
         let Ok(f) = stat_fields(pid) else { continue };
         if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(postmaster) {
-            ticks += field(&f, 14).unwrap_or(0.0) + field(&f, 15).unwrap_or(0.0);
+            let secs = (field(&f, 14).unwrap_or(0.0) + field(&f, 15).unwrap_or(0.0)) / hz;
+            *out.0.entry(server_kind(pid)).or_default() += secs;
         }
     }
-    Ok(ticks / clock_ticks())
+    Ok(out)
 }
 
 /// The PID of the cluster's postmaster: the parent of a backend.
@@ -396,6 +515,14 @@ impl Drop for Guard {
     }
 }
 
+/// "1.12..1.19": the range of `a[i] / b[i]` over the reps.
+fn spread(a: &[f64], b: &[f64]) -> String {
+    let r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    let min = r.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.2}..{max:.2}")
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -419,10 +546,12 @@ struct OnceRun {
     rows_per_sec: f64,
     /// The agent's CPU seconds.
     cpu: f64,
-    /// The PostgreSQL server's CPU seconds over the run.
-    server_cpu: f64,
+    /// The PostgreSQL server's CPU seconds over the run, by kind of process.
+    server_cpu: ServerCpu,
     /// Rule-derived progress rows, events, rows with a sticky `phase`.
     derived: (i64, i64, i64),
+    /// WAL and table bytes.
+    written: Written,
 }
 
 /// Lets the backend of a connection that just closed end and be reaped, so that its CPU
@@ -439,6 +568,7 @@ async fn once_run(
     let (name, url) = bench.fresh_db(label).await?;
     let log = format!("agent-{label}-{}.log", bench.db_counter);
     let mut cmd = bench.agent_command(config, &url, true, &log)?;
+    let lsn = settle(&url).await?;
     let postmaster = postmaster_pid(&url).await?;
     tokio::time::sleep(BACKEND_EXIT).await;
     let server0 = server_cpu(postmaster)?;
@@ -448,7 +578,8 @@ async fn once_run(
     let wall = t0.elapsed().as_secs_f64();
     let cpu = children_cpu() - cpu0;
     tokio::time::sleep(BACKEND_EXIT).await;
-    let server_cpu = server_cpu(postmaster)? - server0;
+    let server_cpu = server_cpu(postmaster)?.since(&server0);
+    let written = Written::since(&url, &lsn).await?;
     if !st.success() {
         let text = std::fs::read_to_string(bench.dir.join(&log)).unwrap_or_default();
         bail!(
@@ -481,13 +612,19 @@ async fn once_run(
         cpu,
         server_cpu,
         derived: (progress, events, phase),
+        written,
     })
 }
 
 /// One binary COPY of the pre-converted rows into a fresh database; only the COPY is timed.
 /// Returns rows/s and the server's CPU seconds from connecting to disconnecting.
-async fn copy_run(bench: &mut Bench, rows: &[CopyRow], source: &str) -> anyhow::Result<(f64, f64)> {
+async fn copy_run(
+    bench: &mut Bench,
+    rows: &[CopyRow],
+    source: &str,
+) -> anyhow::Result<(f64, ServerCpu, Written)> {
     let (name, url) = bench.fresh_db("copy").await?;
+    let lsn = settle(&url).await?;
     let postmaster = postmaster_pid(&url).await?;
     tokio::time::sleep(BACKEND_EXIT).await;
     let server0 = server_cpu(postmaster)?;
@@ -522,7 +659,8 @@ async fn copy_run(bench: &mut Bench, rows: &[CopyRow], source: &str) -> anyhow::
     let secs = t0.elapsed().as_secs_f64();
     drop(client);
     tokio::time::sleep(BACKEND_EXIT).await;
-    let server = server_cpu(postmaster)? - server0;
+    let server = server_cpu(postmaster)?.since(&server0);
+    let written = Written::since(&url, &lsn).await?;
     if n != rows.len() as u64 {
         bail!("COPY wrote {n} rows, expected {}", rows.len());
     }
@@ -534,7 +672,7 @@ async fn copy_run(bench: &mut Bench, rows: &[CopyRow], source: &str) -> anyhow::
         );
     }
     bench.drop_db(&name).await?;
-    Ok((rows.len() as f64 / secs, server))
+    Ok((rows.len() as f64 / secs, server, written))
 }
 
 /// Appends `rate` lines a second to `path`, each stamped with its write time, until stopped.
@@ -600,7 +738,7 @@ async fn steady_and_outage(bench: &mut Bench, opts: &Opts) -> anyhow::Result<Ste
     std::fs::create_dir_all(&logdir)?;
     let file = logdir.join("clusterer.jsonl");
     std::fs::File::create(&file)?;
-    let config = bench.config("steady", &logdir.join("*.jsonl"), false)?;
+    let config = bench.config("steady", &logdir.join("*.jsonl"), false, None)?;
     let child = bench
         .agent_command(&config, &url, false, "agent-steady.log")?
         .spawn()
@@ -924,8 +1062,8 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
             t.elapsed().as_secs_f64()
         );
         let source = file.display().to_string();
-        let plain = bench.config("plain", &logdir.join("*.jsonl"), false)?;
-        let ruled = bench.config("rules", &logdir.join("*.jsonl"), true)?;
+        let plain = bench.config("plain", &logdir.join("*.jsonl"), false, opts.max_records)?;
+        let ruled = bench.config("rules", &logdir.join("*.jsonl"), true, opts.max_records)?;
 
         // 3, 4 and 7: COPY and agent runs without and with rules, interleaved so that drift in
         // the shared machine's load affects all alike.
@@ -937,42 +1075,48 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
         let (mut copy_rates, mut copy_server) = (vec![], vec![]);
         for rep in 0..reps {
             // 4. The physical limit, in the same round as the agent runs it is compared with.
-            let (r, server) = copy_run(&mut bench, &rows, &source).await?;
+            let (r, server, written) = copy_run(&mut bench, &rows, &source).await?;
             println!(
-                "  binary COPY #{}: {:.0} rows/s (server CPU {:.1} s)",
+                "  binary COPY #{}: {:.0} rows/s (server CPU {:.2} s: {}; {})",
                 rep + 1,
                 r,
-                server
+                server.total(),
+                server.describe(),
+                written.describe()
             );
             copy_rates.push(r);
-            copy_server.push(server);
+            copy_server.push(server.total());
             if let Some(old) = &opts.baseline {
                 let new = std::mem::replace(&mut bench.bin, old.clone());
                 let r = once_run(&mut bench, &plain, opts.lines, "baseline").await;
                 bench.bin = new;
                 let r = r?;
                 println!(
-                    "  baseline run --once without rules #{}: {:.0} rows/s (agent CPU {:.1} s, server CPU {:.1} s)",
+                    "  baseline run --once without rules #{}: {:.0} rows/s (agent CPU {:.1} s, server CPU {:.2} s: {}; {})",
                     rep + 1,
                     r.rows_per_sec,
                     r.cpu,
-                    r.server_cpu
+                    r.server_cpu.total(),
+                    r.server_cpu.describe(),
+                    r.written.describe()
                 );
                 base_rates.push(r.rows_per_sec);
-                base_server.push(r.server_cpu);
+                base_server.push(r.server_cpu.total());
                 base_cpu.push(r.cpu);
             }
             let r = once_run(&mut bench, &plain, opts.lines, "plain").await?;
             println!(
-                "  run --once without rules #{}: {:.0} rows/s (agent CPU {:.1} s, server CPU {:.1} s)",
+                "  run --once without rules #{}: {:.0} rows/s (agent CPU {:.1} s, server CPU {:.2} s: {}; {})",
                 rep + 1,
                 r.rows_per_sec,
                 r.cpu,
-                r.server_cpu
+                r.server_cpu.total(),
+                r.server_cpu.describe(),
+                r.written.describe()
             );
             plain_rates.push(r.rows_per_sec);
             plain_cpu.push(r.cpu);
-            agent_server.push(r.server_cpu);
+            agent_server.push(r.server_cpu.total());
             let r = once_run(&mut bench, &ruled, opts.lines, "rules").await?;
             let (p, e, ph) = r.derived;
             println!(
@@ -1035,6 +1179,12 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
             "<= 1.15",
             Some(server_agent / server_copy <= 1.15),
         );
+        summary.add(
+            "  the same, each rep with its own COPY (min-max)",
+            spread(&agent_server, &copy_server),
+            "",
+            None,
+        );
         if !base_rates.is_empty() {
             let base = median(&base_rates);
             summary.add(
@@ -1064,6 +1214,12 @@ async fn run(opts: Opts) -> anyhow::Result<bool> {
             summary.add(
                 "ratio server CPU baseline / COPY",
                 format!("{:.2}", median(&base_server) / server_copy),
+                "",
+                None,
+            );
+            summary.add(
+                "  the same, each rep with its own COPY (min-max)",
+                spread(&base_server, &copy_server),
                 "",
                 None,
             );
