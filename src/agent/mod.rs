@@ -354,15 +354,21 @@ fn sample_loop(
     reload: std::sync::mpsc::Receiver<Vec<crate::config::DaemonConfig>>,
 ) {
     let mut watcher = metrics::Watcher::new(host.clone(), daemons, activity.clone());
+    // A barrier behind the rows closes their batch at once: when nothing else is being read
+    // (an idle agent's only batch), the batcher then neither waits for more items nor arms
+    // its `max_wait` timer, and the rows commit right away. Nobody waits for the answer.
     let send = |tick: metrics::Tick| {
         if tick.metrics.is_empty() && tick.events.is_empty() {
             return true;
         }
-        tx.blocking_send(Item::Rows {
+        let rows = Item::Rows {
             metrics: tick.metrics,
             events: tick.events,
-        })
-        .is_ok()
+        };
+        tx.blocking_send(rows).is_ok()
+            && tx
+                .blocking_send(Item::Barrier(tokio::sync::oneshot::channel().0))
+                .is_ok()
     };
     if once {
         while !readers_done.is_cancelled() && !stop.is_cancelled() {
@@ -403,6 +409,8 @@ fn sample_loop(
 
 /// Watches for a stuck agent and keeps systemd informed while the agent runs: `STATUS=` every
 /// tick, `WATCHDOG=1` only while shipping is not stuck (so systemd restarts a stuck agent).
+/// Without systemd to tell, it wakes only when shipping could have become stuck (see
+/// [`next_check`]), not every tick.
 async fn watchdog(
     activity: activity::SharedActivity,
     stuck_after: Duration,
@@ -415,6 +423,7 @@ async fn watchdog(
         .min((stuck_after / 4).max(Duration::from_millis(100)));
     loop {
         let now = chrono::Utc::now();
+        let mut wait = every;
         let status = {
             // Plain data: a lock poisoned by a panicking writer still holds readable values.
             let mut a = activity.lock().unwrap_or_else(|e| e.into_inner());
@@ -428,20 +437,47 @@ async fn watchdog(
                 (None, true) => tracing::info!("shipping resumed"),
                 _ => {}
             }
-            status_line(&a)
+            if !notify {
+                wait = next_check(&a.agent, stuck_after, every, now);
+                None
+            } else {
+                Some(status_line(&a))
+            }
         };
-        let stuck_now = status.starts_with("STUCK");
-        if notify {
+        if let Some(status) = status {
             crate::telemetry::sd_notify(&format!("STATUS={status}"));
-            if !stuck_now {
+            if !status.starts_with("STUCK") {
                 crate::telemetry::sd_notify("WATCHDOG=1");
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return,
         }
     }
+}
+
+/// Without systemd, how long the watchdog may sleep: shipping cannot become stuck before the
+/// batch now committing has waited `stuck_after` (or, with none, before one that arrives from
+/// now on has), so it wakes just then. While stuck it checks every `every` to see shipping
+/// resume. (An idle agent wakes once per `stuck_after` instead of every 10 s.)
+fn next_check(
+    agent: &activity::AgentCounters,
+    stuck_after: Duration,
+    every: Duration,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Duration {
+    if agent.stuck.is_some() {
+        return every;
+    }
+    // A `since` ahead of `now` (the wall clock stepped back) counts as just arrived.
+    let waited = agent
+        .committing_since
+        .and_then(|since| (now - since).to_std().ok())
+        .unwrap_or_default();
+    let left = stuck_after.saturating_sub(waited);
+    // The wall clock and the timer may disagree by a little: never spin.
+    left.max(Duration::from_millis(50))
 }
 
 /// Whether shipping is stuck: a batch has waited longer than `stuck_after` for its commit.
@@ -535,6 +571,32 @@ mod tests {
             "{}",
             s.reason
         );
+    }
+
+    #[test]
+    fn without_systemd_the_watchdog_wakes_when_a_batch_could_first_be_stuck() {
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 29, 12, 0, 0).unwrap();
+        let at = |ms: i64| t0 + chrono::Duration::milliseconds(ms);
+        let (limit, every) = (Duration::from_secs(300), Duration::from_secs(10));
+        let mut agent = activity::AgentCounters::default();
+        // Nothing committing: a batch arriving from now on is stuck at the earliest then.
+        assert_eq!(next_check(&agent, limit, every, at(0)), limit);
+        // A batch committing for 290.5 s: wake when it has waited the limit, and at that
+        // moment the watchdog calls it stuck.
+        agent.committing_since = Some(t0);
+        let wait = next_check(&agent, limit, every, at(290_500));
+        assert_eq!(wait, Duration::from_millis(9_500));
+        assert!(stuck(&agent, limit, at(290_500), None).is_none());
+        assert!(stuck(&agent, limit, at(290_500 + 9_500), None).is_some());
+        // Past the limit (not yet judged) or a wall clock that stepped: never a busy loop.
+        assert_eq!(
+            next_check(&agent, limit, every, at(400_000)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(next_check(&agent, limit, every, at(-5_000)), limit);
+        // Stuck: look again every tick to see shipping resume.
+        agent.stuck = stuck(&agent, limit, at(400_000), None);
+        assert_eq!(next_check(&agent, limit, every, at(400_000)), every);
     }
 
     #[test]

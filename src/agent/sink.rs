@@ -1712,9 +1712,10 @@ async fn insert_metrics(tx: &Client, rows: &[MetricRow]) -> Result<(), tokio_pos
     let wr: Vec<Option<f64>> = rows.iter().map(|r| r.disk_write_bytes_per_sec).collect();
     let du: Vec<Option<f64>> = rows.iter().map(|r| r.disk_used_percent).collect();
     let rps: Vec<Option<f64>> = rows.iter().map(|r| r.records_per_sec).collect();
-    let custom: Vec<Value> = rows
+    // Serialised from the rows themselves (the same jsonb as a `Value`), not from a deep copy.
+    let custom: Vec<tokio_postgres::types::Json<&serde_json::Map<String, Value>>> = rows
         .iter()
-        .map(|r| Value::Object(r.custom.clone()))
+        .map(|r| tokio_postgres::types::Json(&r.custom))
         .collect();
     tx.execute_typed(
         INSERT_METRICS,

@@ -1,6 +1,6 @@
 //! Watching daemons with real child processes: CPU and memory of a burner, exit and restart
 //! events through a pid file, a stall and its recovery, a `process_match` with children,
-//! context joining, and the Prometheus endpoint on a real socket.
+//! context joining, the Prometheus endpoint on a real socket, and the rows as stored.
 
 // Tests may unwrap: a failure here is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -461,4 +461,35 @@ fn a_progress_node_that_stops_advancing_while_logs_keep_coming() {
     let rec = events_of(&t, "daemon_recovered");
     assert_eq!(rec.len(), 1, "{:?}", t.events);
     assert_eq!(rec[0].details["recovered_from"], "progress_stalled");
+}
+
+#[test]
+fn stored_rows_carry_the_agents_files_and_each_daemons_scope() {
+    use crate::support::agent::{append, Env};
+    let env = Env::new();
+    std::fs::create_dir_all(env.path("a")).unwrap();
+    std::fs::create_dir_all(env.path("b")).unwrap();
+    append(&env.path("a/app.jsonl"), &[r#"{"event": "a"}"#.to_string()]);
+    append(&env.path("b/app.jsonl"), &[r#"{"event": "b"}"#.to_string()]);
+    let cfg = env.config(
+        "[daemons.alpha]\nlogs = [\"$DIR/a/*.jsonl\"]\n\n[daemons.beta]\nlogs = [\"$DIR/b/*.jsonl\"]\n",
+    );
+    env.run_once_ok(&cfg);
+    let dir = env.dir.path().display().to_string();
+    let q = "SELECT daemon || '|' || (custom->>'scope') || '|' || \
+             coalesce((SELECT string_agg(k || '=' || (custom->'files'->k->>'daemon') || ',' || \
+                 jsonb_typeof(custom->'files'->k->'lag_bytes') || ',' || \
+                 (custom->'files'->k ? 'last_commit_at')::text, ';' ORDER BY k) \
+               FROM jsonb_object_keys(custom->'files') k), '-') || '|' || \
+             (custom ?& array['records_shipped', 'batches_committed', 'threads', 'lag_bytes_total'])::text \
+             FROM pipeline_metrics ORDER BY daemon";
+    let got: Vec<String> = env.sql(q).lines().map(str::to_string).collect();
+    assert_eq!(
+        got,
+        [
+            "alpha|host|-|false".to_string(),
+            "beta|host|-|false".to_string(),
+            format!("pipewatch|agent|{dir}/a/app.jsonl=alpha,number,true;{dir}/b/app.jsonl=beta,number,true|true"),
+        ]
+    );
 }

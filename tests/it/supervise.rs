@@ -253,3 +253,46 @@ fn a_reader_that_panics_during_a_backfill_is_restarted_and_the_backfill_complete
         1
     );
 }
+
+#[test]
+fn without_systemd_a_stuck_agent_still_says_so_and_when_it_resumes() {
+    // No NOTIFY_SOCKET: the watchdog sleeps until a batch could first be stuck, so it must
+    // still wake for the batch that arrives while it sleeps.
+    let env = Env::new();
+    let log = env.path("app.jsonl");
+    append(&log, &lines(0..10));
+    let cfg = env.path("pipewatch.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[database]\nurl = \"{}\"\n\n[agent]\nhost = \"test-host\"\nstuck_after = \"2s\"\n\n\
+             [batch]\nmax_wait = \"100ms\"\n\n[daemons.app]\nlogs = [\"{}/*.jsonl\"]\n",
+            env.db,
+            env.dir.path().display()
+        ),
+    )
+    .unwrap();
+    let agent = spawn_with(&env, &cfg, &[]);
+    let count = || env.count("SELECT count(*) FROM pipeline_logs WHERE daemon = 'app'");
+    assert!(wait_until(Duration::from_secs(20), || count() == 10));
+    // Idle for longer than `stuck_after` first: the watchdog is asleep when the batch comes.
+    std::thread::sleep(Duration::from_millis(2500));
+    env.sql("ALTER TABLE pipeline_logs RENAME COLUMN logger TO logger_gone");
+    append(&log, &lines(10..20));
+    let stuck_line = "shipping is stuck; no longer petting the systemd watchdog";
+    let stuck = wait_until(Duration::from_secs(15), || {
+        agent.stderr().contains(stuck_line)
+    });
+    assert!(stuck, "{}", agent.stderr());
+    assert!(agent.stderr().contains("(stuck_after 2s): a batch of"));
+    env.sql("ALTER TABLE pipeline_logs RENAME COLUMN logger_gone TO logger");
+    assert!(wait_until(Duration::from_secs(30), || count() == 20));
+    let resumed = wait_until(Duration::from_secs(20), || {
+        agent.stderr().contains("shipping resumed")
+    });
+    assert!(resumed, "{}", agent.stderr());
+    let (code, _, stderr) = agent.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stderr.matches(stuck_line).count(), 1, "{stderr}");
+    assert_exactly(&env, 20);
+}

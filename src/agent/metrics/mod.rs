@@ -17,7 +17,9 @@ pub mod prometheus;
 pub mod sampler;
 pub mod stall;
 
-use crate::agent::activity::{Activity, AgentCounters, DaemonActivity, SharedActivity};
+use crate::agent::activity::{
+    Activity, AgentCounters, DaemonActivity, FileActivity, SharedActivity,
+};
 use crate::config::resolve::{Config, DaemonConfig, DEFAULT_METRICS_INTERVAL};
 use crate::model::{EventRow, Level, MetricRow};
 use chrono::{DateTime, Utc};
@@ -70,6 +72,9 @@ struct DaemonState {
     /// A `daemon_stalled` event whose diagnosis runs the stack dumper on its own thread (so
     /// a slow dumper never delays other samples); shipped once done.
     pending_stall: Option<std::thread::JoinHandle<EventRow>>,
+    /// Its activity as of its last sample (the last lines only with a process to watch),
+    /// updated in place (see `copy_activity`).
+    seen: DaemonActivity,
 }
 
 /// Sampling state of the agent itself.
@@ -90,7 +95,14 @@ impl Watcher {
             .map(|d| d.metrics_interval)
             .min()
             .unwrap_or(DEFAULT_METRICS_INTERVAL);
-        let snapshot = snapshot(&activity, &|_| false);
+        let (records, shipped) = {
+            let a = activity.lock().unwrap_or_else(|e| e.into_inner());
+            let records: Vec<u64> = daemons
+                .iter()
+                .map(|d| a.daemons.get(&d.name).map_or(0, |d| d.records_read))
+                .collect();
+            (records, a.agent.records_shipped)
+        };
         let mut w = Watcher {
             host,
             sys: System::new(),
@@ -98,8 +110,9 @@ impl Watcher {
             clock: Clock::from_os(),
             daemons: daemons
                 .into_iter()
-                .map(|cfg| DaemonState {
-                    prev_records: (now, records_read(&snapshot, &cfg.name)),
+                .zip(records)
+                .map(|(cfg, records)| DaemonState {
+                    prev_records: (now, records),
                     stall: StallDetector::new(
                         cfg.stall_after,
                         cfg.busy_stall_after,
@@ -112,13 +125,14 @@ impl Watcher {
                     lifecycle: Lifecycle::new(),
                     pid_file_problem: None,
                     pending_stall: None,
+                    seen: DaemonActivity::default(),
                 })
                 .collect(),
             agent: AgentState {
                 interval,
                 due: now,
                 prev: None,
-                prev_shipped: (now, snapshot.agent.records_shipped),
+                prev_shipped: (now, shipped),
             },
             activity,
         };
@@ -171,29 +185,53 @@ impl Watcher {
             .any(|i| !has_discovery(&self.daemons[*i].cfg))
             .then(sampler::read_host_cpu)
             .flatten();
-        let lines: Vec<&str> = self
-            .daemons
-            .iter()
-            .filter(|d| has_discovery(&d.cfg))
-            .map(|d| d.cfg.name.as_str())
-            .collect();
-        let snap = snapshot(&self.activity, &|name| lines.contains(&name));
+        let agent_seen = self.copy_activity(&due, agent_due);
         for i in due {
             let host = HostReadings {
                 uptime,
                 memory,
                 cpu: host_cpu,
             };
-            self.sample_daemon(i, &table, now, wall, host, &snap, &mut tick);
+            self.sample_daemon(i, &table, now, wall, host, &mut tick);
             let d = &mut self.daemons[i];
             d.due = next_after(d.due, d.cfg.metrics_interval, now);
         }
-        if agent_due {
+        if let Some(seen) = agent_seen {
             tick.metrics
-                .push(self.sample_agent(now, wall, uptime, memory, &snap));
+                .push(self.sample_agent(now, wall, uptime, memory, seen));
             self.agent.due = next_after(self.agent.due, self.agent.interval, now);
         }
         tick
+    }
+
+    /// Brings the due daemons' copies of their activity up to date, and returns what the
+    /// agent's own row needs when it is due, all under one short hold of the lock. The copies
+    /// are kept from tick to tick and overwritten in place (`clone_from` reuses their
+    /// strings), so an idle daemon costs no allocation. Its last lines are copied only for
+    /// daemons with a process to watch (exit events carry them), and only when they changed.
+    fn copy_activity(&mut self, due: &[usize], agent_due: bool) -> Option<AgentSeen> {
+        // A writer that panicked left plain data behind; reading it is still sound.
+        let a = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        for &i in due {
+            let d = &mut self.daemons[i];
+            let Some(now) = a.daemons.get(&d.cfg.name) else {
+                continue;
+            };
+            let seen = &mut d.seen;
+            seen.records_read = now.records_read;
+            seen.last_read_at = now.last_read_at;
+            seen.last_record_ts = now.last_record_ts;
+            seen.last_level = now.last_level;
+            seen.last_message.clone_from(&now.last_message);
+            seen.last_stage.clone_from(&now.last_stage);
+            seen.last_node_id.clone_from(&now.last_node_id);
+            seen.last_experiment_id = now.last_experiment_id;
+            seen.progress.clone_from(&now.progress);
+            if has_discovery(&d.cfg) && seen.recent_lines != now.recent_lines {
+                seen.recent_lines.clone_from(&now.recent_lines);
+            }
+        }
+        agent_due.then(|| AgentSeen::of(&a))
     }
 
     /// Refreshes sysinfo's process list when `needed`, and returns it without threads.
@@ -244,7 +282,6 @@ impl Watcher {
         now: Instant,
         wall: DateTime<Utc>,
         readings: HostReadings,
-        snap: &Activity,
         tick: &mut Tick,
     ) {
         let HostReadings {
@@ -261,8 +298,7 @@ impl Watcher {
         let clock = self.clock;
         let host = self.host.clone();
         let d = &mut self.daemons[i];
-        let none = DaemonActivity::default();
-        let act = snap.daemons.get(&d.cfg.name).unwrap_or(&none);
+        let act = &d.seen;
         let experiment_id = act.last_experiment_id.or(d.cfg.experiment_id);
         let node_id = act.last_node_id.clone().or_else(|| d.cfg.node_id.clone());
         let mut row = MetricRow {
@@ -423,13 +459,13 @@ impl Watcher {
         wall: DateTime<Utc>,
         uptime: f64,
         memory: Option<sampler::HostMemory>,
-        snap: &Activity,
+        seen: AgentSeen,
     ) -> MetricRow {
         let me = std::process::id();
         let reading = sampler::read_tree(&[me], now, uptime);
         let usage = sampler::usage(self.agent.prev.as_ref(), &reading, self.clock);
         self.agent.prev = Some(reading);
-        let c = &snap.agent;
+        let c = seen;
         let mut custom = Map::new();
         custom.insert("scope".into(), json!("agent"));
         custom.insert("records_shipped".into(), json!(c.records_shipped));
@@ -444,24 +480,8 @@ impl Watcher {
         if let Some(fds) = usage.open_fds {
             custom.insert("open_fds".into(), json!(fds));
         }
-        let mut files = Map::new();
-        let mut lag_total = 0u64;
-        let mut paths: Vec<&String> = snap.files.keys().collect();
-        paths.sort();
-        for path in paths {
-            let f = &snap.files[path];
-            lag_total = lag_total.saturating_add(f.lag_bytes);
-            files.insert(
-                path.clone(),
-                json!({
-                    "daemon": f.daemon,
-                    "lag_bytes": f.lag_bytes,
-                    "last_commit_at": f.last_commit_at.map(|t| t.to_rfc3339()),
-                }),
-            );
-        }
-        custom.insert("lag_bytes_total".into(), json!(lag_total));
-        custom.insert("files".into(), Value::Object(files));
+        custom.insert("lag_bytes_total".into(), json!(c.lag_total));
+        custom.insert("files".into(), Value::Object(c.files));
         let (t0, s0) = self.agent.prev_shipped;
         let secs = now.saturating_duration_since(t0).as_secs_f64();
         let records_per_sec = (secs >= sampler::MIN_RATE_WINDOW_SECS)
@@ -488,6 +508,49 @@ impl Watcher {
     }
 }
 
+/// What the agent's own row shows of the shared activity, taken under the lock.
+struct AgentSeen {
+    records_shipped: u64,
+    records_quarantined: u64,
+    reconnects: u64,
+    batches_committed: u64,
+    last_commit_at: Option<DateTime<Utc>>,
+    lag_total: u64,
+    /// Each file by path (sorted): its daemon, lag and last commit.
+    files: Map<String, Value>,
+}
+
+impl AgentSeen {
+    /// Builds the `files` object straight from the shared map (no copy of it first).
+    fn of(a: &Activity) -> AgentSeen {
+        let c = &a.agent;
+        let mut files = Map::new();
+        let mut lag_total = 0u64;
+        let mut paths: Vec<(&String, &FileActivity)> = a.files.iter().collect();
+        paths.sort_unstable_by_key(|(path, _)| *path);
+        for (path, f) in paths {
+            lag_total = lag_total.saturating_add(f.lag_bytes);
+            files.insert(
+                path.clone(),
+                json!({
+                    "daemon": f.daemon,
+                    "lag_bytes": f.lag_bytes,
+                    "last_commit_at": f.last_commit_at.map(|t| t.to_rfc3339()),
+                }),
+            );
+        }
+        AgentSeen {
+            records_shipped: c.records_shipped,
+            records_quarantined: c.records_quarantined,
+            reconnects: c.reconnects,
+            batches_committed: c.batches_committed,
+            last_commit_at: c.last_commit_at,
+            lag_total,
+            files,
+        }
+    }
+}
+
 /// What one tick reads of the host, once for every daemon.
 #[derive(Clone, Copy)]
 struct HostReadings {
@@ -509,47 +572,6 @@ fn next_after(due: Instant, interval: Duration, now: Instant) -> Instant {
     } else {
         now + interval
     }
-}
-
-/// A copy of what the metrics need from the shared activity (the lock is held only to copy).
-/// A daemon's last lines are copied only when `with_lines` says so (they go into exit
-/// events, which only daemons with a process to watch have).
-fn snapshot(activity: &SharedActivity, with_lines: &dyn Fn(&str) -> bool) -> Activity {
-    // A writer that panicked left plain data behind; reading it is still sound.
-    let a = activity.lock().unwrap_or_else(|e| e.into_inner());
-    let daemons = a
-        .daemons
-        .iter()
-        .map(|(name, d)| {
-            let copy = if with_lines(name) {
-                d.clone()
-            } else {
-                DaemonActivity {
-                    records_read: d.records_read,
-                    last_read_at: d.last_read_at,
-                    last_record_ts: d.last_record_ts,
-                    last_level: d.last_level,
-                    last_message: d.last_message.clone(),
-                    last_stage: d.last_stage.clone(),
-                    last_node_id: d.last_node_id.clone(),
-                    last_experiment_id: d.last_experiment_id,
-                    progress: d.progress.clone(),
-                    recent_lines: Default::default(),
-                }
-            };
-            (name.clone(), copy)
-        })
-        .collect();
-    Activity {
-        daemons,
-        files: a.files.clone(),
-        agent: a.agent.clone(),
-        unreadable: Default::default(),
-    }
-}
-
-fn records_read(a: &Activity, daemon: &str) -> u64 {
-    a.daemons.get(daemon).map_or(0, |d| d.records_read)
 }
 
 fn round2(v: f64) -> f64 {
