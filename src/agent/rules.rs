@@ -194,6 +194,23 @@ fn value_text(v: &Value) -> Option<Cow<'_, str>> {
     }
 }
 
+/// The capture groups of one rule's match. A rule whose outputs name no capture does not run
+/// its regex again after the `RegexSet` decided that it matches: its groups read as empty.
+enum Caps<'t> {
+    None,
+    Some(Captures<'t>),
+}
+
+impl Caps<'_> {
+    /// The text of group `i`; empty when the group did not participate.
+    fn get(&self, i: usize) -> &str {
+        match self {
+            Caps::None => "",
+            Caps::Some(c) => c.get(i).map_or("", |m| m.as_str()),
+        }
+    }
+}
+
 /// One piece of a template.
 #[derive(Debug, Clone)]
 enum Piece {
@@ -218,6 +235,11 @@ impl Template {
         self.pieces
             .iter()
             .any(|p| matches!(p, Piece::Field(Field::Context(_) | Field::ExperimentId)))
+    }
+
+    /// Whether rendering reads a capture group of the rule's regex.
+    fn reads_captures(&self) -> bool {
+        self.pieces.iter().any(|p| matches!(p, Piece::Cap(_)))
     }
 
     /// Parses `src`; capture names are checked against `re` when it compiled.
@@ -288,12 +310,12 @@ impl Template {
         }
     }
 
-    fn render(&self, caps: &Captures<'_>, r: &Record) -> String {
+    fn render(&self, caps: &Caps<'_>, r: &Record) -> String {
         let mut out = String::new();
         for p in &self.pieces {
             match p {
                 Piece::Lit(s) => out.push_str(s),
-                Piece::Cap(i) => out.push_str(caps.get(*i).map_or("", |m| m.as_str())),
+                Piece::Cap(i) => out.push_str(caps.get(*i)),
                 Piece::Field(f) => {
                     if let Some(t) = f.text(r) {
                         out.push_str(&t);
@@ -350,11 +372,7 @@ enum Val {
 }
 
 impl Val {
-    fn reads_context(&self) -> bool {
-        matches!(self, Val::Text(t) if t.reads_context())
-    }
-
-    fn render(&self, caps: &Captures<'_>, r: &Record) -> String {
+    fn render(&self, caps: &Caps<'_>, r: &Record) -> String {
         match self {
             Val::Text(t) => t.render(caps, r),
             Val::Number(n) => number_text(*n),
@@ -385,11 +403,7 @@ enum DetailVal {
 }
 
 impl DetailVal {
-    fn reads_context(&self) -> bool {
-        matches!(self, DetailVal::Text(t) if t.reads_context())
-    }
-
-    fn render(&self, caps: &Captures<'_>, r: &Record) -> Value {
+    fn render(&self, caps: &Caps<'_>, r: &Record) -> Value {
         match self {
             DetailVal::Text(t) => Value::String(t.render(caps, r)),
             DetailVal::Literal(v) => v.clone(),
@@ -437,25 +451,42 @@ struct Rule {
     set: Vec<(String, DetailVal)>,
     sticky: bool,
     stop: bool,
+    /// Whether the outputs name a capture group (see [`Rule::outputs_read_captures`]).
+    needs_captures: bool,
 }
 
 impl Rule {
     /// Whether what this rule produces reads the record's context (a template naming it).
     fn outputs_read_context(&self) -> bool {
-        let details = |d: &[(String, DetailVal)]| d.iter().any(|(_, v)| v.reads_context());
+        self.any_template(Template::reads_context)
+    }
+
+    /// Whether what this rule produces names a capture group: otherwise its regex need not
+    /// run again for captures once the `RegexSet` found that it matches.
+    fn outputs_read_captures(&self) -> bool {
+        self.any_template(Template::reads_captures)
+    }
+
+    /// Whether any template of the rule's outputs satisfies `f`.
+    fn any_template(&self, f: fn(&Template) -> bool) -> bool {
+        let val = |v: &Val| matches!(v, Val::Text(t) if f(t));
+        let details = |d: &[(String, DetailVal)]| {
+            d.iter()
+                .any(|(_, v)| matches!(v, DetailVal::Text(t) if f(t)))
+        };
         let progress = self.progress.as_ref().is_some_and(|p| {
-            p.node_id.reads_context()
+            val(&p.node_id)
                 || [&p.parent_node_id, &p.level, &p.name, &p.status]
                     .into_iter()
                     .chain([&p.percent, &p.items_done, &p.items_total])
                     .flatten()
-                    .any(Val::reads_context)
+                    .any(val)
                 || details(&p.details)
         });
         let event = self.event.as_ref().is_some_and(|e| {
-            e.event_type.reads_context()
-                || matches!(&e.severity, Severity::Text(t) if t.reads_context())
-                || e.message.as_ref().is_some_and(Template::reads_context)
+            f(&e.event_type)
+                || matches!(&e.severity, Severity::Text(t) if f(t))
+                || e.message.as_ref().is_some_and(f)
                 || details(&e.details)
         });
         progress || event || details(&self.set)
@@ -482,6 +513,44 @@ pub struct Rules {
     /// Whether a rule's output reads the record's context: then a matched record's raw
     /// context is expanded before the outputs are rendered.
     outputs_read_context: bool,
+}
+
+/// Which rules matched one record: a bit per rule, kept on the stack for up to 128 rules.
+enum Matched {
+    Bits(u128),
+    Many(Vec<bool>),
+}
+
+impl Matched {
+    fn new(rules: usize) -> Matched {
+        if rules <= 128 {
+            Matched::Bits(0)
+        } else {
+            Matched::Many(vec![false; rules])
+        }
+    }
+
+    fn set(&mut self, i: usize) {
+        match self {
+            Matched::Bits(b) => {
+                if i < 128 {
+                    *b |= 1 << i;
+                }
+            }
+            Matched::Many(v) => {
+                if let Some(m) = v.get_mut(i) {
+                    *m = true;
+                }
+            }
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        match self {
+            Matched::Bits(b) => i < 128 && b & (1 << i) != 0,
+            Matched::Many(v) => v.get(i).copied().unwrap_or(false),
+        }
+    }
 }
 
 /// What one matching rule produces for one record.
@@ -988,7 +1057,7 @@ fn compile_rule(index: usize, raw: &RawRule, problems: &mut Vec<RuleProblem>) ->
     if p.list.len() != before {
         return None;
     }
-    Some(Rule {
+    let mut rule = Rule {
         regex: regex?,
         field: field?,
         progress,
@@ -996,7 +1065,10 @@ fn compile_rule(index: usize, raw: &RawRule, problems: &mut Vec<RuleProblem>) ->
         set,
         sticky: raw.sticky,
         stop: raw.stop,
-    })
+        needs_captures: false,
+    };
+    rule.needs_captures = rule.outputs_read_captures();
+    Some(rule)
 }
 
 impl Rules {
@@ -1137,28 +1209,38 @@ impl Rules {
 
     /// What each matching rule produces, in rule order, up to the first `stop`.
     fn outputs(&self, record: &Record) -> Vec<Output> {
-        let mut matched = vec![false; self.rules.len()];
+        let mut matched = Matched::new(self.rules.len());
         for g in &self.groups {
             if let Some(text) = g.field.text(record) {
+                if let [rule] = g.members[..] {
+                    // One pattern: `is_match` answers without allocating a set of matches.
+                    if g.set.is_match(&text) {
+                        matched.set(rule);
+                    }
+                    continue;
+                }
                 for i in g.set.matches(&text).iter() {
                     if let Some(&rule) = g.members.get(i) {
-                        if let Some(m) = matched.get_mut(rule) {
-                            *m = true;
-                        }
+                        matched.set(rule);
                     }
                 }
             }
         }
         let mut outputs = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
-            if !matched[i] {
+            if !matched.get(i) {
                 continue;
             }
             let Some(text) = rule.field.text(record) else {
                 continue;
             };
-            let Some(caps) = rule.regex.captures(&text) else {
-                continue;
+            let caps = if rule.needs_captures {
+                match rule.regex.captures(&text) {
+                    Some(c) => Caps::Some(c),
+                    None => continue,
+                }
+            } else {
+                Caps::None
             };
             outputs.push(rule.evaluate(i, &caps, record));
             if rule.stop {
@@ -1179,7 +1261,7 @@ fn quote_always(s: &str) -> String {
 }
 
 impl Rule {
-    fn evaluate(&self, index: usize, caps: &Captures<'_>, r: &Record) -> Output {
+    fn evaluate(&self, index: usize, caps: &Caps<'_>, r: &Record) -> Output {
         let mut out = Output {
             index,
             sticky: self.sticky,
@@ -1207,7 +1289,7 @@ impl Rule {
 fn convert<T>(
     val: Option<&Val>,
     key: &str,
-    caps: &Captures<'_>,
+    caps: &Caps<'_>,
     r: &Record,
     errors: &mut Vec<String>,
     conv: impl Fn(&str) -> Result<T, String>,
@@ -1236,7 +1318,7 @@ fn non_empty(s: String) -> Option<String> {
 impl ProgressSpec {
     fn evaluate(
         &self,
-        caps: &Captures<'_>,
+        caps: &Caps<'_>,
         r: &Record,
         errors: &mut Vec<String>,
     ) -> Option<ProgressUpdate> {
@@ -1308,12 +1390,7 @@ impl ProgressSpec {
 }
 
 impl EventRule {
-    fn evaluate(
-        &self,
-        caps: &Captures<'_>,
-        r: &Record,
-        errors: &mut Vec<String>,
-    ) -> Option<EventSpec> {
+    fn evaluate(&self, caps: &Caps<'_>, r: &Record, errors: &mut Vec<String>) -> Option<EventSpec> {
         let Some(event_type) = non_empty(self.event_type.render(caps, r)) else {
             errors.push(format!(
                 "event.event_type = {:?}: renders empty; no event produced",
@@ -1357,7 +1434,13 @@ fn fill_sticky(record: &mut Record, sticky: &Sticky) {
     }
     let mut ignored = Vec::new();
     for (k, v) in &sticky.0 {
-        set_value(record, k, v, false, &mut ignored);
+        set_value(
+            record,
+            Cow::Borrowed(k),
+            Cow::Borrowed(v),
+            false,
+            &mut ignored,
+        );
     }
 }
 
@@ -1373,10 +1456,11 @@ fn commit(record: &mut Record, sticky: &mut Sticky, outputs: Vec<Output>) {
             record.event = out.event;
         }
         for (k, v) in out.set {
-            set_value(record, &k, &v, true, &mut errors);
-            if out.sticky {
-                sticky.0.insert(k, v);
+            // A sticky value is stored again only when it changed.
+            if out.sticky && sticky.0.get(&k) != Some(&v) {
+                sticky.0.insert(k.clone(), v.clone());
             }
+            set_value(record, Cow::Owned(k), Cow::Owned(v), true, &mut errors);
         }
     }
     if !errors.is_empty() {
@@ -1403,68 +1487,98 @@ fn note_errors(record: &mut Record, errors: Vec<String>) {
 }
 
 /// Sets one `set` key on the record. `overwrite` false only fills a value the record lacks.
-/// A value that is empty sets nothing.
+/// A value that is empty sets nothing. Key and value are copied only when they are stored.
 fn set_value(
     record: &mut Record,
-    key: &str,
-    value: &Value,
+    key: Cow<'_, str>,
+    value: Cow<'_, Value>,
     overwrite: bool,
     errors: &mut Vec<String>,
 ) {
-    let text = match value {
-        Value::String(s) => Cow::Borrowed(s.as_str()),
+    match value.as_ref() {
         Value::Null => return,
-        other => Cow::Owned(other.to_string()),
-    };
-    if text.trim().is_empty() {
-        return;
+        Value::String(s) if s.trim().is_empty() => return,
+        _ => {}
     }
-    let column = |slot: &mut Option<String>| {
+    let column = |slot: &mut Option<String>, value: Cow<'_, Value>| {
         if overwrite || slot.is_none() {
-            *slot = Some(text.to_string());
+            *slot = Some(value_string(value));
         }
     };
-    match key {
-        "stage" => column(&mut record.stage),
-        "node_id" => column(&mut record.node_id),
-        "logger" => column(&mut record.logger),
-        "traceback" => column(&mut record.traceback),
+    match key.as_ref() {
+        "stage" => column(&mut record.stage, value),
+        "node_id" => column(&mut record.node_id, value),
+        "logger" => column(&mut record.logger, value),
+        "traceback" => column(&mut record.traceback, value),
         "message" => {
             if overwrite {
-                record.message = text.into_owned();
+                record.message = value_string(value);
             }
         }
         "level" => {
             if overwrite {
+                let text = value_string(value);
                 match conv_severity(&text) {
                     Ok(l) => record.level = l,
                     Err(e) => errors.push(format!("set.level = {text:?}: {e}")),
                 }
             }
         }
-        "experiment_id" => match Uuid::parse_str(text.trim()) {
-            Ok(u) => {
-                if overwrite || record.experiment_id.is_none() {
-                    record.experiment_id = Some(u);
+        "experiment_id" => {
+            let parsed = match value.as_ref() {
+                Value::String(s) => Uuid::parse_str(s.trim()),
+                other => Uuid::parse_str(other.to_string().trim()),
+            };
+            match parsed {
+                Ok(u) => {
+                    if overwrite || record.experiment_id.is_none() {
+                        record.experiment_id = Some(u);
+                    }
                 }
+                Err(_) => set_context(record, key, value, overwrite),
             }
-            Err(_) => set_context(record, key, value, overwrite),
-        },
+        }
         _ => set_context(record, key, value, overwrite),
+    }
+}
+
+/// A value as column text: a string as it is (moved when owned), anything else as JSON.
+fn value_string(value: Cow<'_, Value>) -> String {
+    match value {
+        Cow::Owned(Value::String(s)) => s,
+        Cow::Borrowed(Value::String(s)) => s.clone(),
+        other => other.to_string(),
     }
 }
 
 /// Sets a context key (only when absent unless `overwrite`); a raw context is expanded only to
 /// overwrite a key it holds, since a key it lacks may be added after it.
-fn set_context(record: &mut Record, key: &str, value: &Value, overwrite: bool) {
+fn set_context(record: &mut Record, key: Cow<'_, str>, value: Cow<'_, Value>, overwrite: bool) {
     if overwrite {
-        if !record.raw_context.is_empty() && record.context_has(key) {
+        if raw_may_hold(record, &key) && record.context_has(&key) {
             record.expand_context();
         }
-        record.context.insert(key.to_string(), value.clone());
-    } else if !record.context_has(key) {
-        record.context.insert(key.to_string(), value.clone());
+        record.context.insert(key.into_owned(), value.into_owned());
+    } else if !has_context_key(record, &key) {
+        record.context.insert(key.into_owned(), value.into_owned());
     }
+}
+
+/// [`Record::context_has`], with the raw part searched only when it may hold the key.
+fn has_context_key(record: &Record, key: &str) -> bool {
+    record.context.contains_key(key) || (raw_may_hold(record, key) && record.context_has(key))
+}
+
+/// Whether the record's raw context may hold `key`: false only when it is empty, or when the
+/// key needs no escaping in JSON (as the raw part is written) and its text occurs nowhere in
+/// it, which a search for the bytes answers faster than walking the raw object.
+fn raw_may_hold(record: &Record, key: &str) -> bool {
+    let raw = record.raw_context.as_bytes();
+    if raw.is_empty() {
+        return false;
+    }
+    let plain = key.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\');
+    !plain || memchr::memmem::find(raw, key.as_bytes()).is_some()
 }
 
 /// The dry run: for each record (already parsed), what each matching rule produces. Records are
@@ -2012,6 +2126,27 @@ mod tests {
         rules.apply(&mut r, &mut Sticky::default());
         let keys: Vec<&str> = r.context.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["r4", "r7", "r10"]);
+    }
+
+    /// More rules than the matched-rules bitmask holds: every matching rule still applies, in
+    /// order, up to `stop`.
+    #[test]
+    fn more_than_128_rules_all_apply() {
+        let mut text = String::new();
+        for i in 0..140 {
+            let stop = if i == 135 { "stop = true\n" } else { "" };
+            let _ = write!(
+                text,
+                "[[rules]]\nmatch = '\\bt{i}\\b|all'\nset = {{ r{i} = \"x\" }}\n{stop}"
+            );
+        }
+        let rules = compile(&text);
+        let r = apply(&rules, "t3 t127 t128 t139");
+        let keys: Vec<&str> = r.context.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["r3", "r127", "r128", "r139"]);
+        let r = apply(&rules, "all");
+        assert_eq!(r.context.len(), 136);
+        assert!(r.context.contains_key("r135") && !r.context.contains_key("r136"));
     }
 
     #[test]
