@@ -4,7 +4,8 @@
 //! ([`Rules::compile`]), which checks everything that can be checked without a record: the
 //! regexes, the keys, every `{template}` and every literal value. [`Rules::apply`] then runs in
 //! the tail task, once per parsed record and before routing: one `RegexSet` pass per distinct
-//! field decides which rules match, only those run `captures`, and their output fills the
+//! field decides which rules match (a field with one rule asks `is_match`), only those whose
+//! outputs name a capture run their regex again for `captures`, and their output fills the
 //! record's `progress`, `event`, columns and context exactly as if the record had carried them
 //! itself, so routing treats both alike.
 //!
@@ -542,6 +543,13 @@ impl Matched {
                     *m = true;
                 }
             }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Matched::Bits(b) => *b == 0,
+            Matched::Many(v) => !v.contains(&true),
         }
     }
 
@@ -1188,27 +1196,19 @@ impl Rules {
             record.expand_context();
         }
         fill_sticky(record, sticky);
-        if !self.any_match(record) {
+        let matched = self.matched(record);
+        if matched.is_empty() {
             return;
         }
         if self.outputs_read_context {
             record.expand_context();
         }
-        let outputs = self.outputs(record);
+        let outputs = self.outputs(record, &matched);
         commit(record, sticky, outputs);
     }
 
-    /// Whether any rule matches; allocates nothing for string fields.
-    fn any_match(&self, record: &Record) -> bool {
-        self.groups.iter().any(|g| {
-            g.field
-                .text(record)
-                .is_some_and(|text| g.set.is_match(&text))
-        })
-    }
-
-    /// What each matching rule produces, in rule order, up to the first `stop`.
-    fn outputs(&self, record: &Record) -> Vec<Output> {
+    /// Which rules match the record: one `RegexSet` pass per field.
+    fn matched(&self, record: &Record) -> Matched {
         let mut matched = Matched::new(self.rules.len());
         for g in &self.groups {
             if let Some(text) = g.field.text(record) {
@@ -1226,6 +1226,11 @@ impl Rules {
                 }
             }
         }
+        matched
+    }
+
+    /// What each matching rule produces, in rule order, up to the first `stop`.
+    fn outputs(&self, record: &Record, matched: &Matched) -> Vec<Output> {
         let mut outputs = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
             if !matched.get(i) {
@@ -1603,10 +1608,11 @@ pub fn report(rules: &Rules, what: &str, records: Vec<(usize, Record)>) -> Strin
     for (n, mut record) in records {
         record.expand_context();
         fill_sticky(&mut record, &sticky);
-        if !rules.any_match(&record) {
+        let matched = rules.matched(&record);
+        if matched.is_empty() {
             continue;
         }
-        let outputs = rules.outputs(&record);
+        let outputs = rules.outputs(&record, &matched);
         if outputs.is_empty() {
             continue;
         }
