@@ -561,13 +561,57 @@ impl Matched {
     }
 }
 
+/// A list that holds its first item inline: most records match one rule, and most rules set
+/// one value, so a list of one allocates nothing.
+#[derive(Debug, Clone)]
+struct OneOrMore<T> {
+    first: Option<T>,
+    rest: Vec<T>,
+}
+
+impl<T> Default for OneOrMore<T> {
+    fn default() -> Self {
+        OneOrMore {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<T> OneOrMore<T> {
+    fn push(&mut self, item: T) {
+        if self.first.is_none() {
+            self.first = Some(item);
+        } else {
+            self.rest.push(item);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.first.iter().chain(&self.rest)
+    }
+}
+
+impl<T> IntoIterator for OneOrMore<T> {
+    type Item = T;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<T>, std::vec::IntoIter<T>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.first.into_iter().chain(self.rest)
+    }
+}
+
 /// What one matching rule produces for one record.
 #[derive(Debug, Clone, Default)]
 struct Output {
     index: usize,
     progress: Option<ProgressUpdate>,
     event: Option<EventSpec>,
-    set: Vec<(String, Value)>,
+    set: OneOrMore<(String, Value)>,
     sticky: bool,
     errors: Vec<String>,
 }
@@ -1230,8 +1274,8 @@ impl Rules {
     }
 
     /// What each matching rule produces, in rule order, up to the first `stop`.
-    fn outputs(&self, record: &Record, matched: &Matched) -> Vec<Output> {
-        let mut outputs = Vec::new();
+    fn outputs(&self, record: &Record, matched: &Matched) -> OneOrMore<Output> {
+        let mut outputs = OneOrMore::default();
         for (i, rule) in self.rules.iter().enumerate() {
             if !matched.get(i) {
                 continue;
@@ -1450,7 +1494,7 @@ fn fill_sticky(record: &mut Record, sticky: &Sticky) {
 }
 
 /// Applies the outputs of the matching rules to the record, in order.
-fn commit(record: &mut Record, sticky: &mut Sticky, outputs: Vec<Output>) {
+fn commit(record: &mut Record, sticky: &mut Sticky, outputs: OneOrMore<Output>) {
     let mut errors = Vec::new();
     for out in outputs {
         errors.extend(out.errors);
@@ -1618,7 +1662,7 @@ pub fn report(rules: &Rules, what: &str, records: Vec<(usize, Record)>) -> Strin
         }
         matched_records += 1;
         let _ = writeln!(out, "{what} {n}: {}", shorten(&record.message, 100));
-        for o in &outputs {
+        for o in outputs.iter() {
             if let Some(h) = hits.get_mut(o.index) {
                 *h += 1;
             }
