@@ -2364,6 +2364,7 @@ mod tests {
 mod props {
     use super::*;
     use proptest::prelude::*;
+    use serde_json::json;
 
     proptest! {
         /// Any template text and any regex either compile or give problems; nothing panics.
@@ -2377,6 +2378,26 @@ mod props {
                 ..RawRule::default()
             };
             let _ = Rules::compile(&[rule]);
+        }
+
+        /// The quick search of a raw context never answers "absent" for a key it holds: any
+        /// key (quotes, backslashes, control characters, non-ASCII), at any depth.
+        #[test]
+        fn raw_search_never_misses_a_key(
+            keys in proptest::collection::vec("[a-z\"\\\\\u{1}é ]{0,4}", 0..6),
+            probe in "[a-z\"\\\\\u{1}é ]{0,4}",
+            nested in any::<bool>(),
+        ) {
+            let mut map = Map::new();
+            for (i, k) in keys.iter().enumerate() {
+                let v = if nested { json!({ "in": k, "n": i }) } else { json!(i) };
+                map.insert(k.clone(), v);
+            }
+            let mut r = Record::new("m");
+            r.raw_context = Value::Object(map).to_string();
+            for k in keys.iter().chain([&probe]) {
+                prop_assert_eq!(has_context_key(&r, k), r.context_has(k), "key {:?}", k);
+            }
         }
 
         /// Any message through rules with every kind of conversion never panics, and a record
