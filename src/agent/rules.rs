@@ -4,7 +4,8 @@
 //! ([`Rules::compile`]), which checks everything that can be checked without a record: the
 //! regexes, the keys, every `{template}` and every literal value. [`Rules::apply`] then runs in
 //! the tail task, once per parsed record and before routing: one `RegexSet` pass per distinct
-//! field decides which rules match, only those run `captures`, and their output fills the
+//! field decides which rules match (a field with one rule asks `is_match`), only those whose
+//! outputs name a capture run their regex again for `captures`, and their output fills the
 //! record's `progress`, `event`, columns and context exactly as if the record had carried them
 //! itself, so routing treats both alike.
 //!
@@ -194,6 +195,23 @@ fn value_text(v: &Value) -> Option<Cow<'_, str>> {
     }
 }
 
+/// The capture groups of one rule's match. A rule whose outputs name no capture does not run
+/// its regex again after the `RegexSet` decided that it matches: its groups read as empty.
+enum Caps<'t> {
+    None,
+    Some(Captures<'t>),
+}
+
+impl Caps<'_> {
+    /// The text of group `i`; empty when the group did not participate.
+    fn get(&self, i: usize) -> &str {
+        match self {
+            Caps::None => "",
+            Caps::Some(c) => c.get(i).map_or("", |m| m.as_str()),
+        }
+    }
+}
+
 /// One piece of a template.
 #[derive(Debug, Clone)]
 enum Piece {
@@ -218,6 +236,11 @@ impl Template {
         self.pieces
             .iter()
             .any(|p| matches!(p, Piece::Field(Field::Context(_) | Field::ExperimentId)))
+    }
+
+    /// Whether rendering reads a capture group of the rule's regex.
+    fn reads_captures(&self) -> bool {
+        self.pieces.iter().any(|p| matches!(p, Piece::Cap(_)))
     }
 
     /// Parses `src`; capture names are checked against `re` when it compiled.
@@ -288,12 +311,12 @@ impl Template {
         }
     }
 
-    fn render(&self, caps: &Captures<'_>, r: &Record) -> String {
+    fn render(&self, caps: &Caps<'_>, r: &Record) -> String {
         let mut out = String::new();
         for p in &self.pieces {
             match p {
                 Piece::Lit(s) => out.push_str(s),
-                Piece::Cap(i) => out.push_str(caps.get(*i).map_or("", |m| m.as_str())),
+                Piece::Cap(i) => out.push_str(caps.get(*i)),
                 Piece::Field(f) => {
                     if let Some(t) = f.text(r) {
                         out.push_str(&t);
@@ -350,11 +373,7 @@ enum Val {
 }
 
 impl Val {
-    fn reads_context(&self) -> bool {
-        matches!(self, Val::Text(t) if t.reads_context())
-    }
-
-    fn render(&self, caps: &Captures<'_>, r: &Record) -> String {
+    fn render(&self, caps: &Caps<'_>, r: &Record) -> String {
         match self {
             Val::Text(t) => t.render(caps, r),
             Val::Number(n) => number_text(*n),
@@ -385,11 +404,7 @@ enum DetailVal {
 }
 
 impl DetailVal {
-    fn reads_context(&self) -> bool {
-        matches!(self, DetailVal::Text(t) if t.reads_context())
-    }
-
-    fn render(&self, caps: &Captures<'_>, r: &Record) -> Value {
+    fn render(&self, caps: &Caps<'_>, r: &Record) -> Value {
         match self {
             DetailVal::Text(t) => Value::String(t.render(caps, r)),
             DetailVal::Literal(v) => v.clone(),
@@ -437,25 +452,42 @@ struct Rule {
     set: Vec<(String, DetailVal)>,
     sticky: bool,
     stop: bool,
+    /// Whether the outputs name a capture group (see [`Rule::outputs_read_captures`]).
+    needs_captures: bool,
 }
 
 impl Rule {
     /// Whether what this rule produces reads the record's context (a template naming it).
     fn outputs_read_context(&self) -> bool {
-        let details = |d: &[(String, DetailVal)]| d.iter().any(|(_, v)| v.reads_context());
+        self.any_template(Template::reads_context)
+    }
+
+    /// Whether what this rule produces names a capture group: otherwise its regex need not
+    /// run again for captures once the `RegexSet` found that it matches.
+    fn outputs_read_captures(&self) -> bool {
+        self.any_template(Template::reads_captures)
+    }
+
+    /// Whether any template of the rule's outputs satisfies `f`.
+    fn any_template(&self, f: fn(&Template) -> bool) -> bool {
+        let val = |v: &Val| matches!(v, Val::Text(t) if f(t));
+        let details = |d: &[(String, DetailVal)]| {
+            d.iter()
+                .any(|(_, v)| matches!(v, DetailVal::Text(t) if f(t)))
+        };
         let progress = self.progress.as_ref().is_some_and(|p| {
-            p.node_id.reads_context()
+            val(&p.node_id)
                 || [&p.parent_node_id, &p.level, &p.name, &p.status]
                     .into_iter()
                     .chain([&p.percent, &p.items_done, &p.items_total])
                     .flatten()
-                    .any(Val::reads_context)
+                    .any(val)
                 || details(&p.details)
         });
         let event = self.event.as_ref().is_some_and(|e| {
-            e.event_type.reads_context()
-                || matches!(&e.severity, Severity::Text(t) if t.reads_context())
-                || e.message.as_ref().is_some_and(Template::reads_context)
+            f(&e.event_type)
+                || matches!(&e.severity, Severity::Text(t) if f(t))
+                || e.message.as_ref().is_some_and(f)
                 || details(&e.details)
         });
         progress || event || details(&self.set)
@@ -484,13 +516,102 @@ pub struct Rules {
     outputs_read_context: bool,
 }
 
+/// Which rules matched one record: a bit per rule, kept on the stack for up to 128 rules.
+enum Matched {
+    Bits(u128),
+    Many(Vec<bool>),
+}
+
+impl Matched {
+    fn new(rules: usize) -> Matched {
+        if rules <= 128 {
+            Matched::Bits(0)
+        } else {
+            Matched::Many(vec![false; rules])
+        }
+    }
+
+    fn set(&mut self, i: usize) {
+        match self {
+            Matched::Bits(b) => {
+                if i < 128 {
+                    *b |= 1 << i;
+                }
+            }
+            Matched::Many(v) => {
+                if let Some(m) = v.get_mut(i) {
+                    *m = true;
+                }
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Matched::Bits(b) => *b == 0,
+            Matched::Many(v) => !v.contains(&true),
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        match self {
+            Matched::Bits(b) => i < 128 && b & (1 << i) != 0,
+            Matched::Many(v) => v.get(i).copied().unwrap_or(false),
+        }
+    }
+}
+
+/// A list that holds its first item inline: most records match one rule, and most rules set
+/// one value, so a list of one allocates nothing.
+#[derive(Debug, Clone)]
+struct OneOrMore<T> {
+    first: Option<T>,
+    rest: Vec<T>,
+}
+
+impl<T> Default for OneOrMore<T> {
+    fn default() -> Self {
+        OneOrMore {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<T> OneOrMore<T> {
+    fn push(&mut self, item: T) {
+        if self.first.is_none() {
+            self.first = Some(item);
+        } else {
+            self.rest.push(item);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.first.iter().chain(&self.rest)
+    }
+}
+
+impl<T> IntoIterator for OneOrMore<T> {
+    type Item = T;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<T>, std::vec::IntoIter<T>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.first.into_iter().chain(self.rest)
+    }
+}
+
 /// What one matching rule produces for one record.
 #[derive(Debug, Clone, Default)]
 struct Output {
     index: usize,
     progress: Option<ProgressUpdate>,
     event: Option<EventSpec>,
-    set: Vec<(String, Value)>,
+    set: OneOrMore<(String, Value)>,
     sticky: bool,
     errors: Vec<String>,
 }
@@ -988,7 +1109,7 @@ fn compile_rule(index: usize, raw: &RawRule, problems: &mut Vec<RuleProblem>) ->
     if p.list.len() != before {
         return None;
     }
-    Some(Rule {
+    let mut rule = Rule {
         regex: regex?,
         field: field?,
         progress,
@@ -996,7 +1117,10 @@ fn compile_rule(index: usize, raw: &RawRule, problems: &mut Vec<RuleProblem>) ->
         set,
         sticky: raw.sticky,
         stop: raw.stop,
-    })
+        needs_captures: false,
+    };
+    rule.needs_captures = rule.outputs_read_captures();
+    Some(rule)
 }
 
 impl Rules {
@@ -1116,49 +1240,56 @@ impl Rules {
             record.expand_context();
         }
         fill_sticky(record, sticky);
-        if !self.any_match(record) {
+        let matched = self.matched(record);
+        if matched.is_empty() {
             return;
         }
         if self.outputs_read_context {
             record.expand_context();
         }
-        let outputs = self.outputs(record);
+        let outputs = self.outputs(record, &matched);
         commit(record, sticky, outputs);
     }
 
-    /// Whether any rule matches; allocates nothing for string fields.
-    fn any_match(&self, record: &Record) -> bool {
-        self.groups.iter().any(|g| {
-            g.field
-                .text(record)
-                .is_some_and(|text| g.set.is_match(&text))
-        })
-    }
-
-    /// What each matching rule produces, in rule order, up to the first `stop`.
-    fn outputs(&self, record: &Record) -> Vec<Output> {
-        let mut matched = vec![false; self.rules.len()];
+    /// Which rules match the record: one `RegexSet` pass per field.
+    fn matched(&self, record: &Record) -> Matched {
+        let mut matched = Matched::new(self.rules.len());
         for g in &self.groups {
             if let Some(text) = g.field.text(record) {
+                if let [rule] = g.members[..] {
+                    // One pattern: `is_match` answers without allocating a set of matches.
+                    if g.set.is_match(&text) {
+                        matched.set(rule);
+                    }
+                    continue;
+                }
                 for i in g.set.matches(&text).iter() {
                     if let Some(&rule) = g.members.get(i) {
-                        if let Some(m) = matched.get_mut(rule) {
-                            *m = true;
-                        }
+                        matched.set(rule);
                     }
                 }
             }
         }
-        let mut outputs = Vec::new();
+        matched
+    }
+
+    /// What each matching rule produces, in rule order, up to the first `stop`.
+    fn outputs(&self, record: &Record, matched: &Matched) -> OneOrMore<Output> {
+        let mut outputs = OneOrMore::default();
         for (i, rule) in self.rules.iter().enumerate() {
-            if !matched[i] {
+            if !matched.get(i) {
                 continue;
             }
             let Some(text) = rule.field.text(record) else {
                 continue;
             };
-            let Some(caps) = rule.regex.captures(&text) else {
-                continue;
+            let caps = if rule.needs_captures {
+                match rule.regex.captures(&text) {
+                    Some(c) => Caps::Some(c),
+                    None => continue,
+                }
+            } else {
+                Caps::None
             };
             outputs.push(rule.evaluate(i, &caps, record));
             if rule.stop {
@@ -1179,7 +1310,7 @@ fn quote_always(s: &str) -> String {
 }
 
 impl Rule {
-    fn evaluate(&self, index: usize, caps: &Captures<'_>, r: &Record) -> Output {
+    fn evaluate(&self, index: usize, caps: &Caps<'_>, r: &Record) -> Output {
         let mut out = Output {
             index,
             sticky: self.sticky,
@@ -1207,7 +1338,7 @@ impl Rule {
 fn convert<T>(
     val: Option<&Val>,
     key: &str,
-    caps: &Captures<'_>,
+    caps: &Caps<'_>,
     r: &Record,
     errors: &mut Vec<String>,
     conv: impl Fn(&str) -> Result<T, String>,
@@ -1236,7 +1367,7 @@ fn non_empty(s: String) -> Option<String> {
 impl ProgressSpec {
     fn evaluate(
         &self,
-        caps: &Captures<'_>,
+        caps: &Caps<'_>,
         r: &Record,
         errors: &mut Vec<String>,
     ) -> Option<ProgressUpdate> {
@@ -1308,12 +1439,7 @@ impl ProgressSpec {
 }
 
 impl EventRule {
-    fn evaluate(
-        &self,
-        caps: &Captures<'_>,
-        r: &Record,
-        errors: &mut Vec<String>,
-    ) -> Option<EventSpec> {
+    fn evaluate(&self, caps: &Caps<'_>, r: &Record, errors: &mut Vec<String>) -> Option<EventSpec> {
         let Some(event_type) = non_empty(self.event_type.render(caps, r)) else {
             errors.push(format!(
                 "event.event_type = {:?}: renders empty; no event produced",
@@ -1357,12 +1483,18 @@ fn fill_sticky(record: &mut Record, sticky: &Sticky) {
     }
     let mut ignored = Vec::new();
     for (k, v) in &sticky.0 {
-        set_value(record, k, v, false, &mut ignored);
+        set_value(
+            record,
+            Cow::Borrowed(k),
+            Cow::Borrowed(v),
+            false,
+            &mut ignored,
+        );
     }
 }
 
 /// Applies the outputs of the matching rules to the record, in order.
-fn commit(record: &mut Record, sticky: &mut Sticky, outputs: Vec<Output>) {
+fn commit(record: &mut Record, sticky: &mut Sticky, outputs: OneOrMore<Output>) {
     let mut errors = Vec::new();
     for out in outputs {
         errors.extend(out.errors);
@@ -1373,10 +1505,11 @@ fn commit(record: &mut Record, sticky: &mut Sticky, outputs: Vec<Output>) {
             record.event = out.event;
         }
         for (k, v) in out.set {
-            set_value(record, &k, &v, true, &mut errors);
-            if out.sticky {
-                sticky.0.insert(k, v);
+            // A sticky value is stored again only when it changed.
+            if out.sticky && sticky.0.get(&k) != Some(&v) {
+                sticky.0.insert(k.clone(), v.clone());
             }
+            set_value(record, Cow::Owned(k), Cow::Owned(v), true, &mut errors);
         }
     }
     if !errors.is_empty() {
@@ -1403,68 +1536,98 @@ fn note_errors(record: &mut Record, errors: Vec<String>) {
 }
 
 /// Sets one `set` key on the record. `overwrite` false only fills a value the record lacks.
-/// A value that is empty sets nothing.
+/// A value that is empty sets nothing. Key and value are copied only when they are stored.
 fn set_value(
     record: &mut Record,
-    key: &str,
-    value: &Value,
+    key: Cow<'_, str>,
+    value: Cow<'_, Value>,
     overwrite: bool,
     errors: &mut Vec<String>,
 ) {
-    let text = match value {
-        Value::String(s) => Cow::Borrowed(s.as_str()),
+    match value.as_ref() {
         Value::Null => return,
-        other => Cow::Owned(other.to_string()),
-    };
-    if text.trim().is_empty() {
-        return;
+        Value::String(s) if s.trim().is_empty() => return,
+        _ => {}
     }
-    let column = |slot: &mut Option<String>| {
+    let column = |slot: &mut Option<String>, value: Cow<'_, Value>| {
         if overwrite || slot.is_none() {
-            *slot = Some(text.to_string());
+            *slot = Some(value_string(value));
         }
     };
-    match key {
-        "stage" => column(&mut record.stage),
-        "node_id" => column(&mut record.node_id),
-        "logger" => column(&mut record.logger),
-        "traceback" => column(&mut record.traceback),
+    match key.as_ref() {
+        "stage" => column(&mut record.stage, value),
+        "node_id" => column(&mut record.node_id, value),
+        "logger" => column(&mut record.logger, value),
+        "traceback" => column(&mut record.traceback, value),
         "message" => {
             if overwrite {
-                record.message = text.into_owned();
+                record.message = value_string(value);
             }
         }
         "level" => {
             if overwrite {
+                let text = value_string(value);
                 match conv_severity(&text) {
                     Ok(l) => record.level = l,
                     Err(e) => errors.push(format!("set.level = {text:?}: {e}")),
                 }
             }
         }
-        "experiment_id" => match Uuid::parse_str(text.trim()) {
-            Ok(u) => {
-                if overwrite || record.experiment_id.is_none() {
-                    record.experiment_id = Some(u);
+        "experiment_id" => {
+            let parsed = match value.as_ref() {
+                Value::String(s) => Uuid::parse_str(s.trim()),
+                other => Uuid::parse_str(other.to_string().trim()),
+            };
+            match parsed {
+                Ok(u) => {
+                    if overwrite || record.experiment_id.is_none() {
+                        record.experiment_id = Some(u);
+                    }
                 }
+                Err(_) => set_context(record, key, value, overwrite),
             }
-            Err(_) => set_context(record, key, value, overwrite),
-        },
+        }
         _ => set_context(record, key, value, overwrite),
+    }
+}
+
+/// A value as column text: a string as it is (moved when owned), anything else as JSON.
+fn value_string(value: Cow<'_, Value>) -> String {
+    match value {
+        Cow::Owned(Value::String(s)) => s,
+        Cow::Borrowed(Value::String(s)) => s.clone(),
+        other => other.to_string(),
     }
 }
 
 /// Sets a context key (only when absent unless `overwrite`); a raw context is expanded only to
 /// overwrite a key it holds, since a key it lacks may be added after it.
-fn set_context(record: &mut Record, key: &str, value: &Value, overwrite: bool) {
+fn set_context(record: &mut Record, key: Cow<'_, str>, value: Cow<'_, Value>, overwrite: bool) {
     if overwrite {
-        if !record.raw_context.is_empty() && record.context_has(key) {
+        if raw_may_hold(record, &key) && record.context_has(&key) {
             record.expand_context();
         }
-        record.context.insert(key.to_string(), value.clone());
-    } else if !record.context_has(key) {
-        record.context.insert(key.to_string(), value.clone());
+        record.context.insert(key.into_owned(), value.into_owned());
+    } else if !has_context_key(record, &key) {
+        record.context.insert(key.into_owned(), value.into_owned());
     }
+}
+
+/// [`Record::context_has`], with the raw part searched only when it may hold the key.
+fn has_context_key(record: &Record, key: &str) -> bool {
+    record.context.contains_key(key) || (raw_may_hold(record, key) && record.context_has(key))
+}
+
+/// Whether the record's raw context may hold `key`: false only when it is empty, or when the
+/// key needs no escaping in JSON (as the raw part is written) and its text occurs nowhere in
+/// it, which a search for the bytes answers faster than walking the raw object.
+fn raw_may_hold(record: &Record, key: &str) -> bool {
+    let raw = record.raw_context.as_bytes();
+    if raw.is_empty() {
+        return false;
+    }
+    let plain = key.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\');
+    !plain || memchr::memmem::find(raw, key.as_bytes()).is_some()
 }
 
 /// The dry run: for each record (already parsed), what each matching rule produces. Records are
@@ -1489,16 +1652,17 @@ pub fn report(rules: &Rules, what: &str, records: Vec<(usize, Record)>) -> Strin
     for (n, mut record) in records {
         record.expand_context();
         fill_sticky(&mut record, &sticky);
-        if !rules.any_match(&record) {
+        let matched = rules.matched(&record);
+        if matched.is_empty() {
             continue;
         }
-        let outputs = rules.outputs(&record);
+        let outputs = rules.outputs(&record, &matched);
         if outputs.is_empty() {
             continue;
         }
         matched_records += 1;
         let _ = writeln!(out, "{what} {n}: {}", shorten(&record.message, 100));
-        for o in &outputs {
+        for o in outputs.iter() {
             if let Some(h) = hits.get_mut(o.index) {
                 *h += 1;
             }
@@ -2014,6 +2178,27 @@ mod tests {
         assert_eq!(keys, vec!["r4", "r7", "r10"]);
     }
 
+    /// More rules than the matched-rules bitmask holds: every matching rule still applies, in
+    /// order, up to `stop`.
+    #[test]
+    fn more_than_128_rules_all_apply() {
+        let mut text = String::new();
+        for i in 0..140 {
+            let stop = if i == 135 { "stop = true\n" } else { "" };
+            let _ = write!(
+                text,
+                "[[rules]]\nmatch = '\\bt{i}\\b|all'\nset = {{ r{i} = \"x\" }}\n{stop}"
+            );
+        }
+        let rules = compile(&text);
+        let r = apply(&rules, "t3 t127 t128 t139");
+        let keys: Vec<&str> = r.context.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["r3", "r127", "r128", "r139"]);
+        let r = apply(&rules, "all");
+        assert_eq!(r.context.len(), 136);
+        assert!(r.context.contains_key("r135") && !r.context.contains_key("r136"));
+    }
+
     #[test]
     fn compile_errors_are_clear() {
         let cases: &[(&str, &[&str])] = &[
@@ -2179,6 +2364,7 @@ mod tests {
 mod props {
     use super::*;
     use proptest::prelude::*;
+    use serde_json::json;
 
     proptest! {
         /// Any template text and any regex either compile or give problems; nothing panics.
@@ -2192,6 +2378,26 @@ mod props {
                 ..RawRule::default()
             };
             let _ = Rules::compile(&[rule]);
+        }
+
+        /// The quick search of a raw context never answers "absent" for a key it holds: any
+        /// key (quotes, backslashes, control characters, non-ASCII), at any depth.
+        #[test]
+        fn raw_search_never_misses_a_key(
+            keys in proptest::collection::vec("[a-z\"\\\\\u{1}é ]{0,4}", 0..6),
+            probe in "[a-z\"\\\\\u{1}é ]{0,4}",
+            nested in any::<bool>(),
+        ) {
+            let mut map = Map::new();
+            for (i, k) in keys.iter().enumerate() {
+                let v = if nested { json!({ "in": k, "n": i }) } else { json!(i) };
+                map.insert(k.clone(), v);
+            }
+            let mut r = Record::new("m");
+            r.raw_context = Value::Object(map).to_string();
+            for k in keys.iter().chain([&probe]) {
+                prop_assert_eq!(has_context_key(&r, k), r.context_has(k), "key {:?}", k);
+            }
         }
 
         /// Any message through rules with every kind of conversion never panics, and a record
