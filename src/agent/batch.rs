@@ -262,7 +262,11 @@ pub fn batch_wait(max_wait: Duration) -> Duration {
 pub fn until_next_read(max_wait: Duration) -> Duration {
     static GRID: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let period = read_debounce(max_wait).as_nanos().max(1);
-    let into = GRID.get_or_init(std::time::Instant::now).elapsed().as_nanos() % period;
+    let into = GRID
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos()
+        % period;
     Duration::from_nanos(u64::try_from(period - into).unwrap_or(u64::MAX))
 }
 

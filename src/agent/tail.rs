@@ -337,7 +337,9 @@ impl Reader {
                         names_changed = hint == Hint::Names || self.empty_matched;
                         idle_poll = POLL_INTERVAL;
                         armed = false;
-                        std::thread::sleep(crate::agent::batch::until_next_read(self.setup.max_wait));
+                        std::thread::sleep(crate::agent::batch::until_next_read(
+                            self.setup.max_wait,
+                        ));
                     }
                     // Nothing happened for a whole interval: a watched reader polls less
                     // often (a notification still wakes it at once).
