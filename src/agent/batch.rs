@@ -68,7 +68,9 @@ pub struct FileChunk {
 #[allow(clippy::large_enum_variant)]
 pub enum Item {
     Chunk(FileChunk),
-    /// Rows that belong to no file: metrics and the agent's own events.
+    /// Rows that belong to no file: metrics and the agent's own events. They close their
+    /// batch at once: nothing more of theirs comes within `max_wait` (a metrics tick sends
+    /// its rows together), so an idle agent's tick commits without waiting for a timer.
     Rows {
         metrics: Vec<MetricRow>,
         events: Vec<EventRow>,
@@ -311,8 +313,10 @@ impl Batcher {
         let deadline = Instant::now() + batch_wait(self.limits.max_wait);
         let mut batch = Batch::default();
         let mut index = HashMap::new();
+        let mut closed = matches!(first, Item::Rows { .. });
         batch.add(first, size, permit, &mut index);
-        while batch.logs.len() < self.limits.max_records
+        while !closed
+            && batch.logs.len() < self.limits.max_records
             && batch.bytes < self.limits.max_bytes
             && batch.barriers.is_empty()
         {
@@ -341,7 +345,10 @@ impl Batcher {
                     .ok(),
             };
             match acquired {
-                Some(permit) => batch.add(item, size, permit, &mut index),
+                Some(permit) => {
+                    closed = matches!(item, Item::Rows { .. });
+                    batch.add(item, size, permit, &mut index);
+                }
                 None => {
                     self.carry = Some((item, size));
                     break;
@@ -456,6 +463,34 @@ mod tests {
             (periods - periods.round()).abs() < 0.02,
             "next reads {apart:.4} s apart, not a whole number of {period:?} periods"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rows_that_belong_to_no_file_close_their_batch_at_once() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut b = batcher(rx, 1000, 1 << 20);
+        let rows = || Item::Rows {
+            metrics: vec![MetricRow::default()],
+            events: vec![],
+        };
+        // Alone: no wait for more items.
+        tx.send(rows()).await.unwrap();
+        let started = Instant::now();
+        let batch = b.next().await.unwrap();
+        assert_eq!(
+            (batch.metrics.len(), started.elapsed()),
+            (1, Duration::ZERO)
+        );
+        // Behind a chunk: they close the chunk's batch; what follows starts the next one.
+        tx.send(chunk("a", 1, 10)).await.unwrap();
+        tx.send(rows()).await.unwrap();
+        tx.send(chunk("a", 1, 20)).await.unwrap();
+        let batch = b.next().await.unwrap();
+        assert_eq!((batch.logs.len(), batch.metrics.len()), (1, 1));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        let batch = b.next().await.unwrap();
+        assert_eq!((batch.logs.len(), batch.metrics.len()), (1, 0));
+        drop(tx);
     }
 
     #[tokio::test(start_paused = true)]

@@ -354,21 +354,17 @@ fn sample_loop(
     reload: std::sync::mpsc::Receiver<Vec<crate::config::DaemonConfig>>,
 ) {
     let mut watcher = metrics::Watcher::new(host.clone(), daemons, activity.clone());
-    // A barrier behind the rows closes their batch at once: when nothing else is being read
-    // (an idle agent's only batch), the batcher then neither waits for more items nor arms
-    // its `max_wait` timer, and the rows commit right away. Nobody waits for the answer.
+    // The rows close their batch at once (see `Item::Rows`): an idle agent's tick arms no
+    // `max_wait` timer.
     let send = |tick: metrics::Tick| {
         if tick.metrics.is_empty() && tick.events.is_empty() {
             return true;
         }
-        let rows = Item::Rows {
+        tx.blocking_send(Item::Rows {
             metrics: tick.metrics,
             events: tick.events,
-        };
-        tx.blocking_send(rows).is_ok()
-            && tx
-                .blocking_send(Item::Barrier(tokio::sync::oneshot::channel().0))
-                .is_ok()
+        })
+        .is_ok()
     };
     if once {
         while !readers_done.is_cancelled() && !stop.is_cancelled() {

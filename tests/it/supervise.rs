@@ -144,22 +144,29 @@ fn receive(
     until(got)
 }
 
-#[test]
-fn a_stuck_agent_tells_systemd_why_stops_the_watchdog_and_status_shows_it() {
-    let env = Env::new();
-    let log = env.path("app.jsonl");
-    append(&log, &lines(0..10));
+/// A config for the stuck-agent tests: `stuck_after = "2s"`, `max_wait = "100ms"`, daemon
+/// `app` reading `*.jsonl` of the test's directory, with `daemon_extra` in its table.
+fn stuck_config(env: &Env, daemon_extra: &str) -> std::path::PathBuf {
     let cfg = env.path("pipewatch.toml");
     std::fs::write(
         &cfg,
         format!(
             "[database]\nurl = \"{}\"\n\n[agent]\nhost = \"test-host\"\nstuck_after = \"2s\"\n\n\
-             [batch]\nmax_wait = \"100ms\"\n\n[daemons.app]\nlogs = [\"{}/*.jsonl\"]\nmetrics_interval = \"1s\"\n",
+             [batch]\nmax_wait = \"100ms\"\n\n[daemons.app]\nlogs = [\"{}/*.jsonl\"]\n{daemon_extra}",
             env.db,
             env.dir.path().display()
         ),
     )
     .unwrap();
+    cfg
+}
+
+#[test]
+fn a_stuck_agent_tells_systemd_why_stops_the_watchdog_and_status_shows_it() {
+    let env = Env::new();
+    let log = env.path("app.jsonl");
+    append(&log, &lines(0..10));
+    let cfg = stuck_config(&env, "metrics_interval = \"1s\"\n");
     let sock_path = env.path("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))
@@ -261,17 +268,7 @@ fn without_systemd_a_stuck_agent_still_says_so_and_when_it_resumes() {
     let env = Env::new();
     let log = env.path("app.jsonl");
     append(&log, &lines(0..10));
-    let cfg = env.path("pipewatch.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[database]\nurl = \"{}\"\n\n[agent]\nhost = \"test-host\"\nstuck_after = \"2s\"\n\n\
-             [batch]\nmax_wait = \"100ms\"\n\n[daemons.app]\nlogs = [\"{}/*.jsonl\"]\n",
-            env.db,
-            env.dir.path().display()
-        ),
-    )
-    .unwrap();
+    let cfg = stuck_config(&env, "");
     let agent = spawn_with(&env, &cfg, &[]);
     let count = || env.count("SELECT count(*) FROM pipeline_logs WHERE daemon = 'app'");
     assert!(wait_until(Duration::from_secs(20), || count() == 10));
